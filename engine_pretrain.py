@@ -1,0 +1,131 @@
+"""The one pre-training engine. It knows no method: a model's forward returns (loss, terms, features) and
+the engine optimises the loss, logs every term, and optionally trains an online linear probe."""
+import time
+from contextlib import nullcontext
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from util.dist import get_world_size
+from util.lr_sched import adjust_learning_rate
+from util.metrics import Progress, RunningTerms, accuracy
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+class PretrainTask(nn.Module):
+    """The pre-training model plus an optional online linear probe on its detached cls features.
+
+    One module so that DDP synchronises both; checkpoints store `model` and `online_probe` apart, so the
+    model's keys stay MAE's.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int = 0):
+        super().__init__()
+        self.model = model
+        self.probe = None
+        if num_classes > 0:
+            dim = model.cls_token.shape[-1]
+            # BatchNorm without affine + linear: MAE's probe head, robust to the feature scale drifting.
+            self.probe = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+
+    def forward(self, imgs: torch.Tensor, labels: torch.Tensor, noise: Optional[torch.Tensor] = None):
+        loss, terms, features = self.model(imgs, noise)
+        terms = dict(terms)
+        if self.probe is not None:
+            logits = self.probe(features.detach().float())
+            probe_ce = F.cross_entropy(logits, labels)
+            loss = loss + probe_ce  # only the probe receives this gradient
+            terms["probe_ce"] = probe_ce.detach()
+            terms["probe_acc"] = accuracy(logits.detach(), labels)[0]
+        return loss, terms
+
+
+def autocast_for(device: torch.device, amp: str):
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def train_one_epoch(
+    task: nn.Module,
+    data_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    scaler: Optional[torch.amp.GradScaler],
+    args,
+    log_writer=None,
+) -> dict[str, float]:
+    """One epoch; returns the epoch means of `loss`, `lr` and every term, averaged over ranks."""
+    task.train(True)
+    accum_iter = args.accum_iter
+    distributed = isinstance(task, nn.parallel.DistributedDataParallel)
+    steps_per_epoch = len(data_loader)
+    running = RunningTerms(device)
+    progress = Progress(steps_per_epoch, f"Epoch: [{epoch}]")
+    optimizer.zero_grad(set_to_none=True)
+    lr = optimizer.param_groups[0]["lr"]
+    interval_start, interval_images = time.time(), 0
+
+    for step, batch in enumerate(data_loader):
+        if step % accum_iter == 0:  # the schedule moves per optimizer step, on the fractional epoch
+            lr = adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, args)
+        imgs, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        noise = batch[2].to(device, non_blocking=True) if len(batch) > 2 else None
+        boundary = (step + 1) % accum_iter == 0
+        # Gradients are all-reduced only on the micro-step that ends an accumulation.
+        sync_context = task.no_sync() if distributed and not boundary else nullcontext()
+        with sync_context:
+            with autocast_for(device, args.amp):
+                loss, terms = task(imgs, labels, noise)
+            scaled = loss / accum_iter
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if boundary:
+            optimizer_step(task, optimizer, scaler, args.clip_grad)
+        running.add({"loss": loss.detach(), **terms}, step)
+        interval_images += imgs.shape[0]
+
+        if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
+            running.check_finite()  # the only host syncs of the loop
+            means = running.means()
+            elapsed = time.time() - interval_start
+            images_per_s = interval_images * get_world_size() / max(elapsed, 1e-9)
+            print(progress.line(step, {"lr": lr, **means, "img/s": images_per_s}))
+            if log_writer is not None:
+                epoch_1000x = int((epoch + (step + 1) / steps_per_epoch) * 1000)
+                for name, value in means.items():
+                    log_writer.add_scalar(f"train/{name}", value, epoch_1000x)
+                log_writer.add_scalar("train/lr", lr, epoch_1000x)
+                log_writer.add_scalar("train/img_per_s", images_per_s, epoch_1000x)
+            interval_start, interval_images = time.time(), 0
+
+    return {"lr": lr, **running.means()}
+
+
+def optimizer_step(task: nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: Optional[torch.amp.GradScaler], clip_grad: Optional[float]) -> None:
+    """Unscale (fp16), clip if asked, step and zero the gradients; no host sync."""
+    if scaler is not None:
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(task.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(task.parameters(), clip_grad)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def steps_per_epoch_check(num_samples: int, batch_size: int, world_size: int) -> int:
+    """Number of optimizer micro-steps per epoch with drop_last; at least one is needed."""
+    steps = num_samples // (batch_size * world_size)
+    if steps == 0:
+        raise ValueError(
+            f"the dataset has {num_samples} images, fewer than one global batch "
+            f"(--batch_size {batch_size} x {world_size} processes); lower --batch_size"
+        )
+    return steps

@@ -1,0 +1,87 @@
+"""End-to-end fine-tuning of a pre-trained encoder (MAE's recipe: layer-wise lr decay, drop path, RandAug,
+mixup/cutmix, label smoothing).
+
+    python main_finetune.py --model vit_base_patch16 --finetune mae_pretrain_vit_base.pth --data_path /data/imagenet \
+        --batch_size 32 --accum_iter 4 --blr 5e-4 --layer_decay 0.65 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0
+"""
+import argparse
+
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.layers import trunc_normal_
+
+from util.config import parse_with_config
+from util.datasets import SeededDataset, build_dataset, build_transform
+from util.dist import cleanup, init_distributed
+from util.downstream import add_common_args, build_vit, effective_lr, fit, validate_common_args
+from util.lr_decay import param_groups_lrd
+from util.run import make_loader, prepare_output_dir, resolve_device, seed_everything
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Fine-tuning for image classification",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(parser, batch_size=64, epochs=50, blr=1e-3, weight_decay=0.05, warmup_epochs=5, global_pool=True)
+    parser.set_defaults(min_lr=1e-6)
+    group = parser.add_argument_group("fine-tuning")
+    group.add_argument("--layer_decay", default=0.75, type=float, help="lr scale per layer from the top: 0.65 for ViT-B, 0.75 for L/H")
+    group.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth: 0.1 (B), 0.2 (L), 0.3 (H)")
+    group.add_argument("--color_jitter", default=None, type=float, help="color jitter (ignored when RandAug is on)")
+    group.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy; '' for none")
+    group.add_argument("--smoothing", default=0.1, type=float, help="label smoothing (without mixup)")
+    group.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
+    group.add_argument("--remode", default="pixel", help="random erasing mode")
+    group.add_argument("--recount", default=1, type=int, help="random erasing count")
+    group.add_argument("--mixup", default=0.0, type=float, help="mixup alpha (> 0 enables)")
+    group.add_argument("--cutmix", default=0.0, type=float, help="cutmix alpha (> 0 enables)")
+    group.add_argument("--cutmix_minmax", default=None, type=float, nargs=2, help="cutmix min/max ratio (overrides alpha)")
+    group.add_argument("--mixup_prob", default=1.0, type=float, help="probability of mixup or cutmix per batch")
+    group.add_argument("--mixup_switch_prob", default=0.5, type=float, help="probability of cutmix when both are on")
+    group.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
+    return parser
+
+
+def main(args) -> None:
+    info, device = init_distributed(args.device, args.dist_timeout)
+    device = resolve_device(str(device))
+    prepare_output_dir(args)
+    seed_everything(args.seed)
+
+    try:
+        train_set = build_dataset(args.dataset, args.data_path, "train", build_transform(True, args.input_size, "finetune", args))
+        val_set = build_dataset(args.dataset, args.data_path, "val", build_transform(False, args.input_size, "finetune", args))
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
+    num_classes = args.nb_classes or train_set.num_classes
+    if num_classes == 0:
+        raise SystemExit("error: fine-tuning needs labels, but --data_path has no class folders")
+    train_loader = make_loader(SeededDataset(train_set, args.seed), info, args, train=True)
+    val_loader = make_loader(val_set, info, args, train=False)
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=num_classes)
+
+    model = build_vit(args, num_classes, drop_path_rate=args.drop_path)
+    trunc_normal_(model.head.weight, std=2e-5)  # MAE: a near-zero head keeps the first steps from wrecking features
+    model.to(device)
+    effective_lr(args, info)
+    optimizer = torch.optim.AdamW(param_groups_lrd(model, args.weight_decay, args.layer_decay), lr=args.lr, fused=True)
+    if mixup_fn is not None:
+        criterion = SoftTargetCrossEntropy()  # mixup already smooths the labels
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    fit(args, info, device, model, optimizer, criterion, train_loader, val_loader, mixup_fn)
+    cleanup()
+
+
+if __name__ == "__main__":
+    parser = get_args_parser()
+    args = parse_with_config(parser)
+    validate_common_args(args, parser)
+    main(args)

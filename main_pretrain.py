@@ -1,0 +1,223 @@
+"""Pre-training (MAE and the methods built on it) with the one engine.
+
+    python main_pretrain.py --config configs/mae/vit_base_in1k_800ep.yaml --data_path /data/imagenet
+    torchrun --nproc_per_node 8 main_pretrain.py --model mae_vit_base_patch16 --norm_pix_loss ...
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import save_image
+
+from engine_pretrain import AMP_DTYPES, PretrainTask, autocast_for, steps_per_epoch_check, train_one_epoch
+from util.checkpoint import find_resume_checkpoint, load_checkpoint, save_training_state
+from util.config import args_to_dict, bool_flag, git_sha, parse_with_config
+from util.datasets import DATASETS, SeededDataset, build_dataset, build_transform
+from util.dist import cleanup, init_distributed, is_main_process
+from util.knn import extract_features, knn_classify
+from util.registry import create_model, list_models
+from util.run import append_log, default_workers, make_loader, prepare_output_dir, resolve_device, seed_everything, truncate_log
+from util.visualize import reconstruction_grid
+
+
+def open_unit_interval(value: str) -> float:
+    ratio = float(value)
+    if not 0.0 < ratio < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
+    return ratio
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Masked image modeling pre-training", add_help=True,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default="", help="YAML file whose keys set these flags' defaults; the command line overrides it")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--batch_size", default=64, type=int, help="images per process per step; effective batch = batch_size x accum_iter x processes")
+    group.add_argument("--epochs", default=400, type=int)
+    group.add_argument("--accum_iter", default=1, type=int, help="accumulate gradients over this many steps (keep the effective batch on fewer GPUs)")
+    group.add_argument("--weight_decay", default=0.05, type=float, help="AdamW weight decay (not on biases and norm weights)")
+    group.add_argument("--lr", default=None, type=float, help="absolute lr; default blr x effective batch / 256")
+    group.add_argument("--blr", default=1e-3, type=float, help="base lr per 256 images; MAE's recipe is 1.5e-4 at batch 4096")
+    group.add_argument("--min_lr", default=0.0, type=float, help="floor of the cosine schedule")
+    group.add_argument("--warmup_epochs", default=40, type=int, help="linear warm-up epochs (fractional per step)")
+    group.add_argument("--clip_grad", default=None, type=float, help="clip the global gradient norm to this (off by default, as MAE)")
+    group.add_argument("--amp", default="bf16", choices=list(AMP_DTYPES),
+                       help="autocast precision; bf16 needs no loss scaling and works on CPU; fp16 uses a GradScaler and can overflow with large models")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="mae_vit_large_patch16", help=f"pre-training model; one of {list_models('mae_')}")
+    group.add_argument("--input_size", default=224, type=int, help="image side in pixels; must be divisible by the patch size")
+    group.add_argument("--mask_ratio", default=0.75, type=open_unit_interval, help="fraction of patches removed")
+    group.add_argument("--norm_pix_loss", action="store_true", help="normalise each target patch by its mean and std (MAE's recipe; better features)")
+    parser.set_defaults(norm_pix_loss=False)
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="imagefolder", choices=DATASETS,
+                       help="imagefolder: train/ class folders, or any folder of unlabelled images; fashion_mnist: IDX .gz files; cifar10/100: torchvision's files (never downloaded)")
+    group.add_argument("--data_path", default="", help="dataset folder")
+    group.add_argument("--num_workers", default=default_workers(), type=int)
+    group.add_argument("--pin_mem", default=True, type=bool_flag, help="pin host memory for faster GPU copies")
+
+    group = parser.add_argument_group("monitoring")
+    group.add_argument("--online_probe", default=False, type=bool_flag,
+                       help="train a linear classifier (BatchNorm + Linear) on the detached cls features alongside; needs labels")
+    group.add_argument("--knn_freq", default=0, type=int, help="every N epochs, k-NN accuracy of the cls features on the val split (0: off; needs labels)")
+    group.add_argument("--knn_k", default=20, type=int)
+    group.add_argument("--knn_max_train", default=10000, type=int, help="train images used as the k-NN memory bank")
+    group.add_argument("--vis_freq", default=20, type=int, help="every N epochs, save a grid of reconstructions (0: off)")
+    group.add_argument("--print_freq", default=20, type=int, help="steps between console lines; also the only host syncs inside an epoch")
+
+    group = parser.add_argument_group("run")
+    group.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, args.yaml and reconstructions")
+    group.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir)")
+    group.add_argument("--device", default="cuda", help="cuda or cpu; falls back to the CPU when no GPU is present")
+    group.add_argument("--seed", default=0, type=int)
+    group.add_argument("--resume", default="", help="checkpoint to resume from (default: output_dir/checkpoint-last.pth if present)")
+    group.add_argument("--auto_resume", default=True, type=bool_flag, help="resume from output_dir/checkpoint-last.pth when it exists")
+    group.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-<epoch>.pth every N epochs (checkpoint-last.pth is written every epoch)")
+    group.add_argument("--dist_timeout", default=1800, type=int, help="seconds before a collective waiting on a dead rank fails")
+    return parser
+
+
+def validate_args(args, parser: argparse.ArgumentParser) -> None:
+    """Fail before any work on flags that cannot run."""
+    if args.model not in list_models():
+        parser.error(f"--model: unknown model {args.model!r}; choose one of {list_models('mae_')}")
+    if args.batch_size < 1 or args.accum_iter < 1:
+        parser.error("--batch_size and --accum_iter must be positive")
+    if args.epochs < 1 or args.warmup_epochs < 0:
+        parser.error("--epochs must be positive and --warmup_epochs non-negative")
+    if not args.data_path:
+        parser.error("--data_path is required")
+    if not Path(args.data_path).exists():
+        parser.error(f"--data_path: no such folder: {args.data_path}")
+
+
+def build_optimizer(task: PretrainTask, args) -> torch.optim.Optimizer:
+    # MAE decays everything but biases and norm weights (so cls_token and mask_token are decayed).
+    groups = param_groups_weight_decay(task.model, args.weight_decay)
+    if task.probe is not None:
+        groups.append({"params": list(task.probe.parameters()), "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
+
+
+def check_resumable(checkpoint: dict, args) -> None:
+    """A checkpoint from other model flags must not be resumed silently."""
+    saved = checkpoint.get("args", {})
+    for flag in ("model", "input_size", "norm_pix_loss", "mask_ratio"):
+        if flag in saved and saved[flag] != getattr(args, flag):
+            raise SystemExit(f"cannot resume: the checkpoint was trained with --{flag} {saved[flag]}, "
+                             f"this run asks for --{flag} {getattr(args, flag)}; use another --output_dir")
+
+
+def main(args) -> None:
+    info, device = init_distributed(args.device, args.dist_timeout)
+    device = resolve_device(str(device))
+    prepare_output_dir(args)
+    seed_everything(args.seed)
+
+    model = create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio)
+    try:
+        dataset = build_dataset(args.dataset, args.data_path, "train", build_transform(True, args.input_size, "pretrain"))
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
+    num_classes = dataset.num_classes
+    if (args.online_probe or args.knn_freq) and num_classes == 0:
+        raise SystemExit("error: --online_probe and --knn_freq need labels, but the data at --data_path has no class folders")
+    train_set = SeededDataset(dataset, args.seed, num_patches=model.num_patches)
+    steps_per_epoch_check(len(train_set), args.batch_size, info.world_size)
+    loader = make_loader(train_set, info, args, train=True)
+
+    eff_batch = args.batch_size * args.accum_iter * info.world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    print(f"base lr: {args.blr:.3e}  effective batch: {eff_batch}  lr: {args.lr:.3e}")
+
+    task = PretrainTask(model, num_classes if args.online_probe else 0).to(device)
+    optimizer = build_optimizer(task, args)
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    print(f"model {args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters")
+
+    start_epoch = 0
+    resume_path = find_resume_checkpoint(args)
+    if resume_path is not None:
+        checkpoint = load_checkpoint(resume_path)
+        check_resumable(checkpoint, args)
+        model.load_state_dict(checkpoint["model"])
+        if task.probe is not None and "online_probe" in checkpoint:
+            task.probe.load_state_dict(checkpoint["online_probe"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch = checkpoint["epoch"] + 1
+        truncate_log(args.output_dir, start_epoch)
+        print(f"resumed from {resume_path} (epoch {checkpoint['epoch']} done)")
+
+    train_task = task
+    if info.distributed:
+        train_task = torch.nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
+
+    log_writer = SummaryWriter(args.log_dir or args.output_dir) if is_main_process() and args.output_dir else None
+    vis_images = knn_loaders = None
+    eval_transform = build_transform(False, args.input_size, "finetune")
+    if args.vis_freq > 0 and is_main_process():
+        eval_set = build_dataset(args.dataset, args.data_path, "train", eval_transform)
+        vis_images = torch.stack([eval_set[i][0] for i in range(min(8, len(eval_set)))]).to(device)
+    if args.knn_freq > 0:
+        bank = build_dataset(args.dataset, args.data_path, "train", eval_transform)
+        subset = torch.randperm(len(bank), generator=torch.Generator().manual_seed(args.seed))[: args.knn_max_train]
+        bank = torch.utils.data.Subset(bank, subset.tolist())
+        query = build_dataset(args.dataset, args.data_path, "val", eval_transform)
+        knn_loaders = [torch.utils.data.DataLoader(d, batch_size=args.batch_size, num_workers=args.num_workers) for d in (bank, query)]
+
+    print(f"start training for {args.epochs - start_epoch} epochs from epoch {start_epoch}")
+    start_time = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        seed_everything(args.seed + epoch)  # main-process randomness depends on the epoch only: exact resume
+        epoch_start = time.time()
+        train_stats = train_one_epoch(train_task, loader, optimizer, device, epoch, scaler, args, log_writer)
+        record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
+        record["epoch_time_s"] = round(time.time() - epoch_start, 2)
+
+        if knn_loaders is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
+            model.eval()
+            bank_x, bank_y = extract_features(model, knn_loaders[0], device, lambda: autocast_for(device, args.amp))
+            query_x, query_y = extract_features(model, knn_loaders[1], device, lambda: autocast_for(device, args.amp))
+            prediction = knn_classify(bank_x, bank_y, query_x, args.knn_k, num_classes=num_classes)
+            record["test_knn_acc1"] = (prediction == query_y).float().mean().item() * 100
+            print(f"k-NN top-1 (k={args.knn_k}): {record['test_knn_acc1']:.2f}%")
+        if vis_images is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
+            noise = torch.rand(vis_images.shape[0], model.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
+            with autocast_for(device, args.amp):
+                grid = reconstruction_grid(model, vis_images, noise)
+            save_image(grid, Path(args.output_dir) / f"reconstruction-{epoch:04d}.png")
+            log_writer.add_image("reconstruction", grid, epoch)
+
+        if args.output_dir and is_main_process():
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler is not None else {},
+                     "args": args_to_dict(args), "git_sha": git_sha()}
+            if task.probe is not None:
+                state["online_probe"] = task.probe.state_dict()
+            save_training_state(args, epoch, state)
+        append_log(args.output_dir, record)
+        if log_writer is not None:
+            log_writer.flush()
+
+    total = time.time() - start_time
+    print(f"training time {int(total // 3600)}:{int(total // 60 % 60):02d}:{int(total % 60):02d}")
+    if log_writer is not None:
+        log_writer.close()
+    cleanup()
+
+
+if __name__ == "__main__":
+    parser = get_args_parser()
+    args = parse_with_config(parser)
+    validate_args(args, parser)
+    main(args)

@@ -1,0 +1,194 @@
+"""MAE: a ViT encoder on the visible patches and a light decoder that predicts the removed patches' pixels.
+
+State-dict keys are those of facebookresearch/mae, so official checkpoints load without renaming.
+`forward` follows the contract of the one engine: it returns the total loss, a dict of named detached
+terms and the encoder's cls features (for the online probe).
+"""
+from functools import partial
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+from util.mim import gather_tokens, masked_mse_loss, normalize_patches, patchify, random_masking
+from util.pos_embed import sincos_2d
+from util.registry import register_model
+
+
+class PretrainOutput(NamedTuple):
+    """What every pre-training model returns.
+
+    loss: scalar to minimise. terms: named detached scalars for logging (the engine logs every one).
+    features: (B, D) encoder cls features of this pass, for the online probe (the engine detaches them).
+    """
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    features: torch.Tensor
+
+
+class MaskedAutoencoderViT(nn.Module):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = False,
+        mask_ratio: float = 0.75,
+    ):
+        super().__init__()
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must lie in (0, 1), got {mask_ratio}")
+        if img_size % patch_size:
+            raise ValueError(f"input size {img_size} is not divisible by the patch size {patch_size}")
+        self.patch_size, self.in_chans = patch_size, in_chans
+        self.norm_pix_loss, self.mask_ratio = norm_pix_loss, mask_ratio
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.num_patches = num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
+        )
+        self.norm = norm_layer(embed_dim)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            [
+                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                for _ in range(decoder_depth)
+            ]
+        )
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        grid = int(self.num_patches**0.5)
+        self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], grid, cls_token=True).unsqueeze(0))
+        self.decoder_pos_embed.data.copy_(
+            sincos_2d(self.decoder_pos_embed.shape[-1], grid, cls_token=True).unsqueeze(0)
+        )
+        # The patch-embedding conv is initialised as the Linear it is (MAE, following ViT-JAX).
+        weight = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self._init_module)
+
+    @staticmethod
+    def _init_module(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # --- pieces, reused by the methods built on MAE -------------------------------------------------
+    def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, L, D) patch embeddings plus positions (cls excluded), before masking."""
+        return self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+
+    def encode(self, tokens: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Encode the visible tokens (B, L, D)[ids_keep] with the cls token prepended -> (B, 1 + K, D)."""
+        x = gather_tokens(tokens, ids_keep)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Latent (B, 1 + K, D) -> predicted pixels (B, L, p*p*C) for every patch (cls dropped)."""
+        x = self.decoder_embed(latent)
+        batch, num_patches = ids_restore.shape
+        mask_tokens = self.mask_token.expand(batch, num_patches + 1 - x.shape[1], -1)
+        patches = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+        patches = gather_tokens(patches, ids_restore)  # back to the original patch order
+        x = torch.cat([x[:, :1, :], patches], dim=1) + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+
+    def reconstruction_target(self, imgs: torch.Tensor) -> torch.Tensor:
+        target = patchify(imgs, self.patch_size)
+        return normalize_patches(target) if self.norm_pix_loss else target
+
+    def draw_noise(self, imgs: torch.Tensor) -> torch.Tensor:
+        return torch.rand(imgs.shape[0], self.num_patches, device=imgs.device)
+
+    # --- the engine's contract ----------------------------------------------------------------------
+    def forward(self, imgs: torch.Tensor, noise: Optional[torch.Tensor] = None) -> PretrainOutput:
+        """imgs (B, C, H, W); noise (B, L) uniform, drawn here if None (the data loader passes it for reproducibility)."""
+        masking = random_masking(self.draw_noise(imgs) if noise is None else noise, self.mask_ratio)
+        latent = self.encode(self.embed_patches(imgs), masking.ids_keep)
+        pred = self.decode(latent, masking.ids_restore)
+        rec = masked_mse_loss(pred, self.reconstruction_target(imgs), masking.mask)
+        return PretrainOutput(rec, {"rec": rec.detach()}, latent[:, 0])
+
+    @torch.no_grad()
+    def reconstruct(self, imgs: torch.Tensor, noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted patches in the target's space (B, L, P) and the mask (B, L), for visualisation."""
+        masking = random_masking(self.draw_noise(imgs) if noise is None else noise, self.mask_ratio)
+        latent = self.encode(self.embed_patches(imgs), masking.ids_keep)
+        return self.decode(latent, masking.ids_restore), masking.mask
+
+    @torch.no_grad()
+    def extract_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Cls features (B, D) of the whole image (no masking), for the k-NN monitor."""
+        tokens = self.embed_patches(imgs)
+        all_ids = torch.arange(tokens.shape[1], device=imgs.device).expand(tokens.shape[0], -1)
+        return self.encode(tokens, all_ids)[:, 0]
+
+
+def _mae(default_img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
+         decoder_embed_dim: int, decoder_depth: int, decoder_num_heads: int, **kwargs) -> MaskedAutoencoderViT:
+    kwargs.setdefault("img_size", default_img_size)
+    return MaskedAutoencoderViT(
+        patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+        decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads,
+        **kwargs,
+    )
+
+
+# ImageNet sizes: decoder 512-d, 8 blocks, 16 heads (MAE's default).
+@register_model
+def mae_vit_base_patch16(**kwargs) -> MaskedAutoencoderViT:
+    return _mae(224, 16, 768, 12, 12, 512, 8, 16, **kwargs)
+
+
+@register_model
+def mae_vit_large_patch16(**kwargs) -> MaskedAutoencoderViT:
+    return _mae(224, 16, 1024, 24, 16, 512, 8, 16, **kwargs)
+
+
+@register_model
+def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
+    return _mae(224, 14, 1280, 32, 16, 512, 8, 16, **kwargs)
+
+
+# 32-px sizes (CIFAR, Fashion-MNIST): 64 patches of 4x4.
+@register_model
+def mae_vit_tiny_patch4(**kwargs) -> MaskedAutoencoderViT:
+    return _mae(32, 4, 192, 12, 3, 128, 4, 4, **kwargs)
+
+
+@register_model
+def mae_vit_small_patch4(**kwargs) -> MaskedAutoencoderViT:
+    return _mae(32, 4, 384, 12, 6, 256, 4, 8, **kwargs)

@@ -1,0 +1,79 @@
+"""The ViT used for fine-tuning and linear probing: timm's VisionTransformer with MAE's key names.
+
+With `global_pool=True` the final `norm` is an identity and `fc_norm` is applied to the mean of the patch
+tokens (MAE's fine-tune recipe); with `global_pool=False` the normed cls token is used (MAE's probe recipe).
+"""
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from util.pos_embed import interpolate_pos_embed
+from util.registry import register_model
+
+# Keys a pre-training checkpoint may carry that the downstream ViT does not use (decoders, method heads).
+_ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
+
+
+def _vit(default_img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
+         global_pool: bool = True, **kwargs) -> VisionTransformer:
+    kwargs.setdefault("img_size", default_img_size)
+    return VisionTransformer(
+        patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4,
+        qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        global_pool="avg" if global_pool else "token", **kwargs,
+    )
+
+
+@register_model
+def vit_base_patch16(**kwargs) -> VisionTransformer:
+    return _vit(224, 16, 768, 12, 12, **kwargs)
+
+
+@register_model
+def vit_large_patch16(**kwargs) -> VisionTransformer:
+    return _vit(224, 16, 1024, 24, 16, **kwargs)
+
+
+@register_model
+def vit_huge_patch14(**kwargs) -> VisionTransformer:
+    return _vit(224, 14, 1280, 32, 16, **kwargs)
+
+
+@register_model
+def vit_tiny_patch4(**kwargs) -> VisionTransformer:
+    return _vit(32, 4, 192, 12, 3, **kwargs)
+
+
+@register_model
+def vit_small_patch4(**kwargs) -> VisionTransformer:
+    return _vit(32, 4, 384, 12, 6, **kwargs)
+
+
+def load_pretrained_encoder(model: VisionTransformer, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Load the encoder part of a pre-training state dict (MAE or any method built on it) into `model`.
+
+    Decoder and method-specific keys are dropped, the position table is resized to the model's grid, and
+    the only keys allowed to stay missing are the new head (and `fc_norm` with global pooling).
+    Returns the missing keys. Raises a ValueError naming the first key whose shape does not fit.
+    """
+    encoder = {k: v for k, v in state_dict.items() if k.startswith(_ENCODER_PREFIXES)}
+    if not encoder:
+        raise ValueError("the checkpoint holds no encoder keys (patch_embed.*, blocks.*, ...): is it a ViT/MAE checkpoint?")
+    if "pos_embed" in encoder:
+        encoder["pos_embed"] = interpolate_pos_embed(encoder["pos_embed"], model.patch_embed.num_patches)
+    if isinstance(model.norm, nn.Identity):  # global pooling: the pre-training `norm` is replaced by fc_norm
+        encoder = {k: v for k, v in encoder.items() if not k.startswith("norm.")}
+    own = model.state_dict()
+    for key, value in encoder.items():
+        if key not in own:
+            raise ValueError(f"checkpoint key {key!r} has no place in {type(model).__name__}")
+        if own[key].shape != value.shape:
+            raise ValueError(f"shape mismatch at {key!r}: checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}")
+    result = model.load_state_dict(encoder, strict=False)
+    allowed = ("head.", "fc_norm.")
+    unexpected_missing = [k for k in result.missing_keys if not k.startswith(allowed)]
+    if unexpected_missing:
+        raise ValueError(f"the checkpoint lacks encoder keys: {unexpected_missing[:5]}")
+    return result.missing_keys

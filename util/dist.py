@@ -1,0 +1,99 @@
+"""The one place that reads the launcher's environment: plain python (a world of one), torchrun or SLURM."""
+import builtins
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def read_launcher_env() -> DistInfo:
+    """Ranks from torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or SLURM (SLURM_PROCID/...); else a world of one.
+
+    SLURM is read only when MASTER_ADDR is set (the submitit launcher sets it from the node list), so an
+    interactive `python main_pretrain.py` inside an allocation still runs as a single process.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "MASTER_ADDR" in env:
+        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return DistInfo()
+
+
+_info = DistInfo()
+
+
+def init_distributed(device: str = "cuda", timeout_s: int = 1800) -> tuple[DistInfo, torch.device]:
+    """Join the process group if launched with several processes (NCCL on GPU, gloo on CPU).
+
+    Returns the rank info and the device this process computes on. Only rank 0 prints afterwards
+    (`print(..., force=True)` prints from any rank).
+    """
+    global _info
+    _info = read_launcher_env()
+    use_cuda = device.startswith("cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(_info.local_rank)
+        compute_device = torch.device("cuda", _info.local_rank)
+    else:
+        compute_device = torch.device("cpu")
+    if _info.distributed:
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=_info.rank,
+            world_size=_info.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=compute_device if use_cuda else None,
+        )
+    _silence_non_main_ranks(_info.rank == 0)
+    return _info, compute_device
+
+
+def _silence_non_main_ranks(is_main: bool) -> None:
+    builtin_print = builtins.print
+
+    def print_on_main(*args, **kwargs):
+        if kwargs.pop("force", False) or is_main:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print_on_main
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (a copy); the identity for a single process."""
+    if get_world_size() == 1:
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor / get_world_size()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,142 @@
+"""What fine-tuning and linear probing share: flags, building the ViT from a pre-training checkpoint, and
+the epoch loop with evaluation, checkpoints and log lines."""
+import argparse
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.tensorboard import SummaryWriter
+
+from engine_finetune import evaluate, train_one_epoch
+from engine_pretrain import AMP_DTYPES
+from models_vit import load_pretrained_encoder
+from util.checkpoint import find_resume_checkpoint, load_checkpoint, model_state_from, save_training_state
+from util.config import args_to_dict, bool_flag, git_sha
+from util.datasets import DATASETS
+from util.dist import DistInfo, is_main_process
+from util.registry import create_model, list_models
+from util.run import append_log, default_workers, seed_everything, truncate_log
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs: int, blr: float,
+                    weight_decay: float, warmup_epochs: int, global_pool: bool) -> None:
+    """Flags shared by main_finetune.py and main_linprobe.py, with each script's recipe defaults."""
+    parser.add_argument("--config", default="", help="YAML file whose keys set these flags' defaults; the command line overrides it")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--batch_size", default=batch_size, type=int, help="images per process; effective batch = batch_size x accum_iter x processes")
+    group.add_argument("--epochs", default=epochs, type=int)
+    group.add_argument("--accum_iter", default=1, type=int, help="accumulate gradients over this many steps")
+    group.add_argument("--weight_decay", default=weight_decay, type=float)
+    group.add_argument("--lr", default=None, type=float, help="absolute lr; default blr x effective batch / 256")
+    group.add_argument("--blr", default=blr, type=float, help="base lr per 256 images")
+    group.add_argument("--min_lr", default=0.0, type=float, help="floor of the cosine schedule")
+    group.add_argument("--warmup_epochs", default=warmup_epochs, type=int)
+    group.add_argument("--clip_grad", default=None, type=float, help="clip the global gradient norm to this")
+    group.add_argument("--amp", default="bf16", choices=list(AMP_DTYPES), help="autocast precision (fp16 adds a GradScaler)")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="vit_large_patch16", help=f"one of {list_models('vit_')}")
+    group.add_argument("--input_size", default=224, type=int, help="image side in pixels")
+    group.add_argument("--finetune", default="", help="pre-training checkpoint (ours, or an official MAE .pth) to start from")
+    group.add_argument("--global_pool", dest="global_pool", action="store_true", help="classify the mean of the patch tokens (with fc_norm)")
+    group.add_argument("--cls_token", dest="global_pool", action="store_false", help="classify the normed cls token")
+    parser.set_defaults(global_pool=global_pool)
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="imagefolder", choices=DATASETS)
+    group.add_argument("--data_path", default="", help="dataset folder (train/ and val/ or test/ class folders for imagefolder)")
+    group.add_argument("--nb_classes", default=None, type=int, help="classes of the head; default: read from the dataset")
+    group.add_argument("--num_workers", default=default_workers(), type=int)
+    group.add_argument("--pin_mem", default=True, type=bool_flag)
+
+    group = parser.add_argument_group("run")
+    group.add_argument("--output_dir", default="./output_dir")
+    group.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir)")
+    group.add_argument("--device", default="cuda")
+    group.add_argument("--seed", default=0, type=int)
+    group.add_argument("--resume", default="", help="checkpoint to resume from (default: output_dir/checkpoint-last.pth)")
+    group.add_argument("--auto_resume", default=True, type=bool_flag)
+    group.add_argument("--save_freq", default=0, type=int, help="keep checkpoint-<epoch>.pth every N epochs (0: only the last)")
+    group.add_argument("--eval", action="store_true", help="only evaluate --resume (or --finetune) on the val split")
+    group.add_argument("--print_freq", default=20, type=int)
+    group.add_argument("--dist_timeout", default=1800, type=int)
+
+
+def validate_common_args(args, parser: argparse.ArgumentParser) -> None:
+    if args.model not in list_models("vit_"):
+        parser.error(f"--model: unknown model {args.model!r}; choose one of {list_models('vit_')}")
+    if not args.data_path or not Path(args.data_path).exists():
+        parser.error(f"--data_path: no such folder: {args.data_path!r}")
+    if args.finetune and not Path(args.finetune).is_file():
+        parser.error(f"--finetune: no such file: {args.finetune}")
+
+
+def build_vit(args, num_classes: int, **kwargs) -> nn.Module:
+    """The downstream ViT, with the encoder of `--finetune` loaded (position table resized if needed)."""
+    model = create_model(args.model, num_classes=num_classes, global_pool=args.global_pool,
+                         img_size=args.input_size, **kwargs)
+    if args.finetune:
+        missing = load_pretrained_encoder(model, model_state_from(load_checkpoint(args.finetune)))
+        print(f"loaded the encoder of {args.finetune}; newly initialised: {missing}")
+    return model
+
+
+def effective_lr(args, info: DistInfo) -> None:
+    eff_batch = args.batch_size * args.accum_iter * info.world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    print(f"base lr: {args.blr:.3e}  effective batch: {eff_batch}  lr: {args.lr:.3e}")
+
+
+def fit(args, info: DistInfo, device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer,
+        criterion: nn.Module, train_loader, val_loader, mixup_fn: Optional[Callable] = None) -> dict:
+    """Resume if possible, then train and evaluate every epoch; returns the last log record."""
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    start_epoch = 0
+    resume_path = find_resume_checkpoint(args)
+    if resume_path is not None:
+        checkpoint = load_checkpoint(resume_path)
+        model.load_state_dict(checkpoint["model"])
+        if not args.eval:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            if scaler is not None and checkpoint.get("scaler"):
+                scaler.load_state_dict(checkpoint["scaler"])
+            start_epoch = checkpoint["epoch"] + 1
+            truncate_log(args.output_dir, start_epoch)
+        print(f"resumed from {resume_path}")
+    train_model = model
+    if info.distributed:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.eval:
+        return evaluate(model, val_loader, device, args.amp)
+
+    log_writer = SummaryWriter(args.log_dir or args.output_dir) if is_main_process() and args.output_dir else None
+    best_acc1, record = 0.0, {}
+    start_time = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        if hasattr(train_loader.dataset, "set_epoch"):
+            train_loader.dataset.set_epoch(epoch)
+        seed_everything(args.seed + epoch + 1000 * info.rank)  # drop path and mixup: per epoch, per rank
+        train_stats = train_one_epoch(train_model, criterion, train_loader, optimizer, device, epoch, scaler, args,
+                                      mixup_fn, log_writer)
+        if args.output_dir and is_main_process():
+            save_training_state(args, epoch, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else {}, "args": args_to_dict(args),
+                "git_sha": git_sha()})
+        test_stats = evaluate(model, val_loader, device, args.amp)
+        best_acc1 = max(best_acc1, test_stats["acc1"])
+        print(f"accuracy of the network on the val images: {test_stats['acc1']:.2f}% (best {best_acc1:.2f}%)")
+        record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                  **{f"test_{k}": v for k, v in test_stats.items()}}
+        if log_writer is not None:
+            for name in ("acc1", "acc5", "loss"):
+                log_writer.add_scalar(f"perf/test_{name}", test_stats[name], epoch)
+            log_writer.flush()
+        append_log(args.output_dir, record)
+    total = time.time() - start_time
+    print(f"training time {int(total // 3600)}:{int(total // 60 % 60):02d}:{int(total % 60):02d}")
+    return record

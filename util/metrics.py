@@ -1,0 +1,80 @@
+"""Training statistics kept on the device and read back only at log intervals (no host sync per step)."""
+import time
+from typing import Optional
+
+import torch
+
+from util.dist import all_reduce_mean
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; the message names the term(s) and the step."""
+
+
+class RunningTerms:
+    """Per-epoch sums of named scalar terms on the device, plus the first step at which any was non-finite."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.names: list[str] = []
+        self.sums: Optional[torch.Tensor] = None
+        self.bad: Optional[torch.Tensor] = None
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.count = 0
+
+    def add(self, terms: dict[str, torch.Tensor], step: int) -> None:
+        if self.sums is None:
+            self.names = list(terms)
+            self.sums = torch.zeros(len(terms), device=self.device)
+            self.bad = torch.zeros(len(terms), dtype=torch.bool, device=self.device)
+        values = torch.stack([terms[name].detach().float() for name in self.names])
+        finite = torch.isfinite(values)
+        newly_bad = (~finite).any() & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(newly_bad, torch.full_like(self.first_bad_step, step), self.first_bad_step)
+        self.bad |= ~finite & (self.first_bad_step == step)
+        self.sums += torch.where(finite, values, torch.zeros_like(values))
+        self.count += 1
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLossError if any term was non-finite (one host sync)."""
+        if self.sums is not None and self.first_bad_step.item() >= 0:
+            names = [n for n, b in zip(self.names, self.bad.tolist()) if b]
+            raise NonFiniteLossError(
+                f"non-finite loss term(s) {names} at step {self.first_bad_step.item()} of this epoch; "
+                "the last checkpoint was kept. Lower the lr, use --amp bf16 instead of fp16, or set --clip_grad."
+            )
+
+    def means(self) -> dict[str, float]:
+        """Means over the epoch so far, averaged over ranks (one host sync)."""
+        if self.sums is None:
+            return {}
+        averaged = all_reduce_mean(self.sums / max(self.count, 1)).tolist()
+        return dict(zip(self.names, averaged))
+
+
+class Progress:
+    """Console progress with elapsed time and ETA, MAE-style."""
+
+    def __init__(self, total: int, header: str):
+        self.total, self.header, self.start = total, header, time.time()
+
+    def line(self, step: int, values: dict[str, float]) -> str:
+        elapsed = time.time() - self.start
+        eta = elapsed / max(step + 1, 1) * (self.total - step - 1)
+        shown = "  ".join(f"{k}: {v:.4g}" for k, v in values.items())
+        width = len(str(self.total))
+        return (f"{self.header} [{step + 1:>{width}}/{self.total}]  eta: {_hms(eta)}  "
+                f"elapsed: {_hms(elapsed)}  {shown}")
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1,)) -> list[torch.Tensor]:
+    """Top-k accuracies in percent, as device tensors."""
+    maxk = min(max(topk), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    correct = pred.eq(target.unsqueeze(1))
+    return [correct[:, : min(k, maxk)].any(dim=1).float().mean() * 100 for k in topk]

@@ -1,0 +1,69 @@
+"""Set-up shared by the main scripts: output folder, seeding, device, per-epoch log lines, data loaders."""
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from util.config import command_line, git_sha, save_args
+from util.dist import DistInfo, is_main_process
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def prepare_output_dir(args) -> None:
+    """Create output_dir, write args.yaml and print the code version (rank 0 only)."""
+    if not args.output_dir:
+        return
+    if is_main_process():
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        save_args(args, args.output_dir)
+    print(f"git: {git_sha()}\ncommand: {command_line()}")
+    print("arguments:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
+
+
+def append_log(output_dir: str, record: dict) -> None:
+    """One JSON line per epoch in output_dir/log.txt (rank 0 only)."""
+    if output_dir and is_main_process():
+        with open(Path(output_dir) / "log.txt", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(output_dir: str, start_epoch: int) -> None:
+    """On resume, drop log lines of epochs that will be trained again, so each epoch appears exactly once."""
+    path = Path(output_dir) / "log.txt"
+    if not (is_main_process() and path.is_file()):
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < start_epoch]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        print("CUDA is not available: running on the CPU")
+        return torch.device("cpu")
+    return torch.device(requested)
+
+
+def make_loader(dataset: Dataset, info: DistInfo, args, train: bool) -> DataLoader:
+    """A loader over this rank's shard. Training shuffles by (seed, epoch) and drops the last partial batch.
+
+    Workers are not persistent: the per-sample seeds read the epoch when the dataset reaches the workers.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=train,
+                                 seed=args.seed, drop_last=train)
+    return DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+        pin_memory=args.pin_mem and torch.cuda.is_available(), drop_last=train,
+    )
+
+
+def default_workers() -> int:
+    return min(10, os.cpu_count() or 1)
