@@ -12,7 +12,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.layers import trunc_normal_
 
 from util.config import parse_with_config
-from util.datasets import SeededDataset, build_dataset, build_transform
+from util.datasets import SeededDataset, build_dataset, build_transform, subset
 from util.dist import cleanup, init_distributed
 from util.downstream import add_common_args, build_vit, effective_lr, fit, validate_common_args
 from util.lr_decay import param_groups_lrd
@@ -38,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--cutmix_minmax", default=None, type=float, nargs=2, help="cutmix min/max ratio (overrides alpha)")
     group.add_argument("--mixup_prob", default=1.0, type=float, help="probability of mixup or cutmix per batch")
     group.add_argument("--mixup_switch_prob", default=0.5, type=float, help="probability of cutmix when both are on")
-    group.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
+    group.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"], help="mix per batch, per pair or per element")
     return parser
 
 
@@ -50,6 +50,7 @@ def main(args) -> None:
 
     try:
         train_set = build_dataset(args.dataset, args.data_path, "train", build_transform(True, args.input_size, "finetune", args))
+        train_set = subset(train_set, args.subset_size, args.seed)
         val_set = build_dataset(args.dataset, args.data_path, "val", build_transform(False, args.input_size, "finetune", args))
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err

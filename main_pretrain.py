@@ -15,7 +15,7 @@ from torchvision.utils import save_image
 from engine_pretrain import AMP_DTYPES, PretrainTask, autocast_for, steps_per_epoch_check, train_one_epoch
 from util.checkpoint import find_resume_checkpoint, load_checkpoint, save_training_state
 from util.config import args_to_dict, bool_flag, git_sha, parse_with_config
-from util.datasets import DATASETS, SeededDataset, build_dataset, build_transform
+from util.datasets import DATASETS, SeededDataset, build_dataset, build_transform, subset
 from util.dist import cleanup, init_distributed, is_main_process
 from util.knn import extract_features, knn_classify
 from util.registry import create_model, list_models
@@ -36,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="", help="YAML file whose keys set these flags' defaults; the command line overrides it")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--batch_size", default=64, type=int, help="images per process per step; effective batch = batch_size x accum_iter x processes")
-    group.add_argument("--epochs", default=400, type=int)
+    group.add_argument("--epochs", default=400, type=int, help="pre-training epochs (MAE: 800; released weights 1600)")
     group.add_argument("--accum_iter", default=1, type=int, help="accumulate gradients over this many steps (keep the effective batch on fewer GPUs)")
     group.add_argument("--weight_decay", default=0.05, type=float, help="AdamW weight decay (not on biases and norm weights)")
     group.add_argument("--lr", default=None, type=float, help="absolute lr; default blr x effective batch / 256")
@@ -58,14 +58,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--dataset", default="imagefolder", choices=DATASETS,
                        help="imagefolder: train/ class folders, or any folder of unlabelled images; fashion_mnist: IDX .gz files; cifar10/100: torchvision's files (never downloaded)")
     group.add_argument("--data_path", default="", help="dataset folder")
-    group.add_argument("--num_workers", default=default_workers(), type=int)
+    group.add_argument("--subset_size", default=0, type=int, help="train on a fixed random subset of this many images (0: all); for quick runs")
+    group.add_argument("--num_workers", default=default_workers(), type=int, help="data-loading processes per GPU/process")
     group.add_argument("--pin_mem", default=True, type=bool_flag, help="pin host memory for faster GPU copies")
 
     group = parser.add_argument_group("monitoring")
     group.add_argument("--online_probe", default=False, type=bool_flag,
                        help="train a linear classifier (BatchNorm + Linear) on the detached cls features alongside; needs labels")
     group.add_argument("--knn_freq", default=0, type=int, help="every N epochs, k-NN accuracy of the cls features on the val split (0: off; needs labels)")
-    group.add_argument("--knn_k", default=20, type=int)
+    group.add_argument("--knn_k", default=20, type=int, help="neighbours voting in the k-NN monitor")
     group.add_argument("--knn_max_train", default=10000, type=int, help="train images used as the k-NN memory bank")
     group.add_argument("--vis_freq", default=20, type=int, help="every N epochs, save a grid of reconstructions (0: off)")
     group.add_argument("--print_freq", default=20, type=int, help="steps between console lines; also the only host syncs inside an epoch")
@@ -74,7 +75,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, args.yaml and reconstructions")
     group.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir)")
     group.add_argument("--device", default="cuda", help="cuda or cpu; falls back to the CPU when no GPU is present")
-    group.add_argument("--seed", default=0, type=int)
+    group.add_argument("--seed", default=0, type=int, help="seed of weights, data order, augmentation and masks (each sample's randomness depends on seed, epoch and index only)")
     group.add_argument("--resume", default="", help="checkpoint to resume from (default: output_dir/checkpoint-last.pth if present)")
     group.add_argument("--auto_resume", default=True, type=bool_flag, help="resume from output_dir/checkpoint-last.pth when it exists")
     group.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-<epoch>.pth every N epochs (checkpoint-last.pth is written every epoch)")
@@ -113,7 +114,8 @@ def check_resumable(checkpoint: dict, args) -> None:
                              f"this run asks for --{flag} {getattr(args, flag)}; use another --output_dir")
 
 
-def main(args) -> None:
+def main(args) -> torch.nn.Module:
+    """Pre-train as `args` say; returns the trained model (every rank holds the same weights)."""
     info, device = init_distributed(args.device, args.dist_timeout)
     device = resolve_device(str(device))
     prepare_output_dir(args)
@@ -127,7 +129,7 @@ def main(args) -> None:
     num_classes = dataset.num_classes
     if (args.online_probe or args.knn_freq) and num_classes == 0:
         raise SystemExit("error: --online_probe and --knn_freq need labels, but the data at --data_path has no class folders")
-    train_set = SeededDataset(dataset, args.seed, num_patches=model.num_patches)
+    train_set = SeededDataset(subset(dataset, args.subset_size, args.seed), args.seed, num_patches=model.num_patches)
     steps_per_epoch_check(len(train_set), args.batch_size, info.world_size)
     loader = make_loader(train_set, info, args, train=True)
 
@@ -167,9 +169,7 @@ def main(args) -> None:
         eval_set = build_dataset(args.dataset, args.data_path, "train", eval_transform)
         vis_images = torch.stack([eval_set[i][0] for i in range(min(8, len(eval_set)))]).to(device)
     if args.knn_freq > 0:
-        bank = build_dataset(args.dataset, args.data_path, "train", eval_transform)
-        subset = torch.randperm(len(bank), generator=torch.Generator().manual_seed(args.seed))[: args.knn_max_train]
-        bank = torch.utils.data.Subset(bank, subset.tolist())
+        bank = subset(build_dataset(args.dataset, args.data_path, "train", eval_transform), args.knn_max_train, args.seed)
         query = build_dataset(args.dataset, args.data_path, "val", eval_transform)
         knn_loaders = [torch.utils.data.DataLoader(d, batch_size=args.batch_size, num_workers=args.num_workers) for d in (bank, query)]
 
@@ -214,6 +214,7 @@ def main(args) -> None:
     if log_writer is not None:
         log_writer.close()
     cleanup()
+    return model
 
 
 if __name__ == "__main__":

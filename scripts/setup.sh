@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Idempotent set-up used by scripts/demo.sh and scripts/test.sh: a .venv with requirements.txt,
+# and Debian's Fashion-MNIST files when asked for (`scripts/setup.sh --fashion-mnist`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv"
+    "${PYTHON:-python3}" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, torchvision, timm, numpy, tensorboard, submitit, yaml, pytest" 2>/dev/null; then
+    echo "[setup] installing requirements.txt into .venv"
+    .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+fi
+
+if [ "${1:-}" = "--fashion-mnist" ] && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    echo "[setup] installing Debian's dataset-fashion-mnist"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi

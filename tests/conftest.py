@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny labelled image folder and helpers to run the scripts as a user would."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_imagefolder(tmp_path_factory) -> Path:
+    """train/ and val/ with 2 classes of 32x32 RGB images whose class is visible (bright or dark)."""
+    root = tmp_path_factory.mktemp("tiny_imagefolder")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 16), ("val", 4)):
+        for label, name in enumerate(("dark", "bright")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 128, size=(32, 32, 3)) + 100 * label
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+def run_script(args: list[str], *, torchrun: int = 0, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a repository script in a fresh process on the CPU; returns the completed process (text output)."""
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "--master_port", str(_free_port())]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([*launcher, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,118 @@
+"""Flags, YAML config, checkpoints and the engine's bookkeeping."""
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import main_finetune
+import main_linprobe
+import main_pretrain
+from util.checkpoint import load_checkpoint, save_atomic
+from util.config import parse_with_config, save_args
+from util.metrics import NonFiniteLossError, RunningTerms
+
+
+@pytest.mark.parametrize("module", [main_pretrain, main_finetune, main_linprobe])
+def test_help_documents_every_flag(module, capsys):
+    parser = module.get_args_parser()
+    undocumented = [a.dest for a in parser._actions if a.dest != "help" and not a.help]
+    assert not undocumented, f"flags without help text: {undocumented}"
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for action in parser._actions:
+        for option in action.option_strings:
+            assert option in text
+
+
+def _fail(argv: list[str], capsys) -> str:
+    parser = main_pretrain.get_args_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        args = parse_with_config(parser, argv)
+        main_pretrain.validate_args(args, parser)
+    assert exit_info.value.code != 0
+    return capsys.readouterr().err + str(exit_info.value.code)
+
+
+@pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])
+def test_bad_mask_ratio_is_named(ratio, tmp_path, capsys):
+    assert "--mask_ratio" in _fail(["--mask_ratio", ratio, "--data_path", str(tmp_path)], capsys)
+
+
+def test_unknown_model_and_missing_data_are_named(tmp_path, capsys):
+    message = _fail(["--model", "mae_vit_nonexistent", "--data_path", str(tmp_path)], capsys)
+    assert "--model" in message and "mae_vit_nonexistent" in message and "mae_vit_base_patch16" in message
+    missing = tmp_path / "nowhere"
+    message = _fail(["--data_path", str(missing)], capsys)
+    assert "--data_path" in message and str(missing) in message
+
+
+def test_yaml_sets_defaults_cli_overrides_and_unknown_keys_fail(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("batch_size: 7\nblr: 0.5\nnorm_pix_loss: true\n")
+    parser = main_pretrain.get_args_parser()
+    args = parse_with_config(parser, ["--config", str(config), "--blr", "0.25"])
+    assert (args.batch_size, args.blr, args.norm_pix_loss) == (7, 0.25, True)
+    save_args(args, str(tmp_path))
+    saved = yaml.safe_load((tmp_path / "args.yaml").read_text())
+    assert saved["batch_size"] == 7 and saved["blr"] == 0.25
+    # the saved file is itself a valid config that reproduces the run's arguments
+    again = parse_with_config(main_pretrain.get_args_parser(), ["--config", str(tmp_path / "args.yaml")])
+    assert vars(again) == {**vars(args), "config": str(tmp_path / "args.yaml")}
+    config.write_text("batch_sise: 7\n")
+    with pytest.raises(SystemExit, match="unknown keys \\['batch_sise'\\]"):
+        parse_with_config(main_pretrain.get_args_parser(), ["--config", str(config)])
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    state = {"model": {"w": torch.randn(3, 3)}, "epoch": 4, "args": {"model": "x", "lr": 0.1, "betas": [0.9, 0.95]}}
+    path = tmp_path / "checkpoint-last.pth"
+    save_atomic(state, path)
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["args"] == state["args"]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-last.pth"]  # no temp file left
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/mim_test_pickle_ran"),))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    marker = Path("/tmp/mim_test_pickle_ran")
+    marker.unlink(missing_ok=True)
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _RunsCode()}, f)
+    with pytest.raises(ValueError, match="refusing to load .*evil.pth"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint-last.pth"
+    save_atomic({"epoch": 1}, path)
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        save_atomic({"epoch": 2, "bad": Unsaveable()}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-last.pth"]
+
+
+def test_running_terms_means_and_non_finite_detection():
+    running = RunningTerms(torch.device("cpu"))
+    running.add({"loss": torch.tensor(1.0), "rec": torch.tensor(2.0)}, 0)
+    running.add({"loss": torch.tensor(3.0), "rec": torch.tensor(4.0)}, 1)
+    assert running.means() == {"loss": 2.0, "rec": 3.0}
+    running.check_finite()
+    running.add({"loss": torch.tensor(1.0), "rec": torch.tensor(float("nan"))}, 2)
+    running.add({"loss": torch.tensor(float("inf")), "rec": torch.tensor(1.0)}, 3)
+    with pytest.raises(NonFiniteLossError, match=r"\['rec'\] at step 2"):
+        running.check_finite()

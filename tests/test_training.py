@@ -1,0 +1,102 @@
+"""End-to-end runs of the scripts on a tiny image folder: resume, accumulation, torchrun, fine-tune, probe."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_script
+
+
+def pretrain_flags(data: Path, out: Path, **overrides) -> list[str]:
+    flags = {"model": "mae_vit_tiny_patch4", "data_path": data, "output_dir": out, "input_size": 32,
+             "batch_size": 8, "epochs": 2, "warmup_epochs": 1, "blr": 1e-3, "num_workers": 0, "amp": "none",
+             "save_freq": 1, "vis_freq": 0, "print_freq": 2, "seed": 3}
+    flags.update(overrides)
+    return [item for key, value in flags.items() for item in (f"--{key}", str(value))] + ["--norm_pix_loss"]
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state["model"] if "model" in state else state
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if atol == 0.0:
+            assert torch.equal(a[key], b[key]), f"{key} differs"
+        else:
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=f"{key} differs")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_imagefolder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    run_script(["tests/pretrain_worker.py", *pretrain_flags(tiny_imagefolder, out)])
+    return out
+
+
+def test_outputs_of_a_run(straight_run):
+    log = read_log(straight_run)
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert {"train_loss", "train_lr", "train_rec"} <= set(log[0])
+    assert (straight_run / "checkpoint-last.pth").is_file() and (straight_run / "checkpoint-0.pth").is_file()
+    assert list(straight_run.glob("events.out.tfevents.*"))
+    checkpoint = torch.load(straight_run / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["args"]["model"] == "mae_vit_tiny_patch4"
+    assert not list(straight_run.glob(".checkpoint-*.tmp"))
+    # rank 0's returned model is what the checkpoint holds
+    assert_same_weights(checkpoint["model"], weights(straight_run / "rank0.pt"))
+
+
+def test_resume_is_bit_identical(straight_run, tiny_imagefolder, tmp_path):
+    """2 epochs straight == 1 epoch, then a new process resuming from that checkpoint for the second."""
+    shutil.copy(straight_run / "checkpoint-0.pth", tmp_path / "checkpoint-last.pth")
+    (tmp_path / "log.txt").write_text((straight_run / "log.txt").read_text().splitlines()[0] + "\n")
+    result = run_script(["tests/pretrain_worker.py", *pretrain_flags(tiny_imagefolder, tmp_path)])
+    assert "resumed from" in result.stdout
+    assert [r["epoch"] for r in read_log(tmp_path)] == [0, 1]
+    assert_same_weights(weights(tmp_path / "checkpoint-last.pth"), weights(straight_run / "checkpoint-last.pth"))
+
+
+def test_gradient_accumulation_matches_large_batch(straight_run, tiny_imagefolder, tmp_path):
+    """batch 4 x accum_iter 2 sees the same samples and masks as batch 8: same weights up to float error."""
+    run_script(["tests/pretrain_worker.py", *pretrain_flags(tiny_imagefolder, tmp_path, batch_size=4, accum_iter=2)])
+    assert_same_weights(weights(tmp_path / "checkpoint-last.pth"), weights(straight_run / "checkpoint-last.pth"), atol=2e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_ranks_match_one_process(straight_run, tiny_imagefolder, tmp_path):
+    """2 ranks x batch 4 == 1 process x batch 8: identical weights across ranks, same loss and weights as 1 process."""
+    run_script(["tests/pretrain_worker.py", *pretrain_flags(tiny_imagefolder, tmp_path, batch_size=4)], torchrun=2)
+    rank0, rank1 = weights(tmp_path / "rank0.pt"), weights(tmp_path / "rank1.pt")
+    assert_same_weights(rank0, rank1)
+    single = weights(straight_run / "checkpoint-last.pth")
+    assert_same_weights(rank0, single, atol=2e-5)
+    for ours, reference in zip(read_log(tmp_path), read_log(straight_run)):
+        assert ours["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
+
+
+def test_finetune_and_linprobe_from_the_pretrained_checkpoint(straight_run, tiny_imagefolder, tmp_path):
+    common = ["--data_path", str(tiny_imagefolder), "--input_size", "32", "--model", "vit_tiny_patch4",
+              "--finetune", str(straight_run / "checkpoint-last.pth"), "--num_workers", "0", "--epochs", "2",
+              "--warmup_epochs", "1", "--batch_size", "8", "--amp", "none"]
+    run_script(["main_finetune.py", *common, "--output_dir", str(tmp_path / "ft"), "--mixup", "0.8", "--cutmix", "1.0"])
+    for variant, flags in (("probe", []), ("probe_cached", ["--cached_features", "true"])):
+        result = run_script(["main_linprobe.py", *common, "--output_dir", str(tmp_path / variant), *flags])
+        assert "linear probe: top-1" in result.stdout
+    for folder in ("ft", "probe", "probe_cached"):
+        log = read_log(tmp_path / folder)
+        assert [r["epoch"] for r in log] == [0, 1]
+        assert 0.0 <= log[-1]["test_acc1"] <= log[-1]["test_acc5"] <= 100.0
+    # the probe trains only the head: the encoder in its checkpoint equals the pre-trained one
+    probe = weights(tmp_path / "probe" / "checkpoint-last.pth")
+    pretrained = weights(straight_run / "checkpoint-last.pth")
+    assert torch.equal(probe["blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
+    assert set(k for k in probe if k.startswith("head.")) == {"head.0.running_mean", "head.0.running_var",
+                                                              "head.0.num_batches_tracked", "head.1.weight", "head.1.bias"}
