@@ -48,7 +48,7 @@ def train_one_epoch(
         if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
             running.check_finite()
             means = running.means()
-            print(progress.line(step, {"lr": lr, **means}))
+            print(progress.line(step, {"lr": lr, **means}), flush=True)
             if log_writer is not None:
                 epoch_1000x = int((epoch + (step + 1) / steps_per_epoch) * 1000)
                 log_writer.add_scalar("train/loss", means["loss"], epoch_1000x)

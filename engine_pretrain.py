@@ -92,7 +92,7 @@ def train_one_epoch(
             means = running.means()
             elapsed = time.time() - interval_start
             images_per_s = interval_images * get_world_size() / max(elapsed, 1e-9)
-            print(progress.line(step, {"lr": lr, **means, "img/s": images_per_s}))
+            print(progress.line(step, {"lr": lr, **means, "img/s": images_per_s}), flush=True)
             if log_writer is not None:
                 epoch_1000x = int((epoch + (step + 1) / steps_per_epoch) * 1000)
                 for name, value in means.items():

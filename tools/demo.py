@@ -8,6 +8,7 @@ Each stage is an ordinary command of this codebase, printed before it runs; outp
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def run(script: str, flags: list[str]) -> None:
     command = [sys.executable, str(ROOT / script), *flags]
     print("\n$ " + " ".join(command[1:]), flush=True)
-    subprocess.run(command, cwd=ROOT, check=True)
+    subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def last_record(output_dir: Path) -> dict:

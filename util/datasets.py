@@ -114,8 +114,10 @@ def _image_folder(root: Path, split: str, transform: Optional[Callable]) -> Data
         folder = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
         if folder is None:
             raise FileNotFoundError(f"{root} has no val/ or test/ folder for evaluation")
+    # Images directly in the folder, or no sub-folder holding images: unlabelled (labels -1).
+    loose_images = any(_is_image(f) for f in folder.iterdir())
     class_dirs = [d for d in folder.iterdir() if d.is_dir() and any(_is_image(f) for f in d.iterdir())]
-    if not class_dirs:
+    if loose_images or not class_dirs:
         return UnlabeledImageFolder(folder, transform)
     dataset = datasets.ImageFolder(str(folder), transform=transform, loader=lambda p: Image.open(p).convert("RGB"))
     dataset.num_classes = len(dataset.classes)
