@@ -8,8 +8,8 @@ import argparse
 
 import torch
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.layers import trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from util.config import parse_with_config
 from util.datasets import SeededDataset, build_dataset, build_transform, subset
