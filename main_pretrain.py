@@ -18,7 +18,7 @@ from util.config import args_to_dict, bool_flag, git_sha, parse_with_config
 from util.datasets import DATASETS, SeededDataset, build_dataset, build_transform, subset
 from util.dist import cleanup, init_distributed, is_main_process
 from util.knn import extract_features, knn_classify
-from util.registry import create_model, list_models
+from util.registry import add_method_args, create_model, method_for, pretrain_models
 from util.run import append_log, default_workers, make_loader, prepare_output_dir, resolve_device, seed_everything, truncate_log
 from util.visualize import reconstruction_grid
 
@@ -48,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="autocast precision; bf16 needs no loss scaling and works on CPU; fp16 uses a GradScaler and can overflow with large models")
 
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="mae_vit_large_patch16", help=f"pre-training model; one of {list_models('mae_')}")
+    group.add_argument("--model", default="mae_vit_large_patch16", help=f"pre-training model; one of {pretrain_models()}")
     group.add_argument("--input_size", default=224, type=int, help="image side in pixels; must be divisible by the patch size")
     group.add_argument("--mask_ratio", default=0.75, type=open_unit_interval, help="fraction of patches removed")
     group.add_argument("--norm_pix_loss", action="store_true", help="normalise each target patch by its mean and std (MAE's recipe; better features)")
@@ -80,13 +80,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--auto_resume", default=True, type=bool_flag, help="resume from output_dir/checkpoint-last.pth when it exists")
     group.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-<epoch>.pth every N epochs (checkpoint-last.pth is written every epoch)")
     group.add_argument("--dist_timeout", default=1800, type=int, help="seconds before a collective waiting on a dead rank fails")
+    add_method_args(parser)
     return parser
 
 
 def validate_args(args, parser: argparse.ArgumentParser) -> None:
     """Fail before any work on flags that cannot run."""
-    if args.model not in list_models():
-        parser.error(f"--model: unknown model {args.model!r}; choose one of {list_models('mae_')}")
+    if args.model not in pretrain_models():
+        parser.error(f"--model: unknown model {args.model!r}; choose one of {pretrain_models()}")
+    method = method_for(args.model)
+    if method.validate is not None:
+        try:
+            method.validate(args)
+        except ValueError as err:
+            parser.error(str(err))
     if args.batch_size < 1 or args.accum_iter < 1:
         parser.error("--batch_size and --accum_iter must be positive")
     if args.epochs < 1 or args.warmup_epochs < 0:
@@ -95,6 +102,8 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
         parser.error("--data_path is required")
     if not Path(args.data_path).exists():
         parser.error(f"--data_path: no such folder: {args.data_path}")
+    if args.resume and not Path(args.resume).is_file():
+        parser.error(f"--resume: no such file: {args.resume}")
 
 
 def build_optimizer(task: PretrainTask, args) -> torch.optim.Optimizer:
@@ -121,7 +130,10 @@ def main(args) -> torch.nn.Module:
     prepare_output_dir(args)
     seed_everything(args.seed)
 
-    model = create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio)
+    try:
+        model = create_model(args.model, **method_for(args.model).model_kwargs(args))
+    except ValueError as err:  # e.g. an input size the patch size does not divide
+        raise SystemExit(f"error: {err}") from err
     try:
         dataset = build_dataset(args.dataset, args.data_path, "train", build_transform(True, args.input_size, "pretrain"))
     except (FileNotFoundError, ValueError) as err:

@@ -14,7 +14,7 @@ from timm.models.vision_transformer import Block
 
 from util.mim import gather_tokens, masked_mse_loss, normalize_patches, patchify, random_masking
 from util.pos_embed import sincos_2d
-from util.registry import register_model
+from util.registry import Method, register_method, register_model
 
 
 class PretrainOutput(NamedTuple):
@@ -192,3 +192,11 @@ def mae_vit_tiny_patch4(**kwargs) -> MaskedAutoencoderViT:
 @register_model
 def mae_vit_small_patch4(**kwargs) -> MaskedAutoencoderViT:
     return _mae(32, 4, 384, 12, 6, 256, 4, 8, **kwargs)
+
+
+def mae_model_kwargs(args) -> dict:
+    """The factory arguments every method built on MAE takes from the common flags."""
+    return {"img_size": args.input_size, "norm_pix_loss": args.norm_pix_loss, "mask_ratio": args.mask_ratio}
+
+
+register_method(Method(name="MAE", prefix="mae_", model_kwargs=mae_model_kwargs))

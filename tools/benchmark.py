@@ -17,22 +17,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine_pretrain import PretrainTask, autocast_for, optimizer_step  # noqa: E402
 from main_pretrain import build_optimizer  # noqa: E402
-from util.registry import create_model, list_models  # noqa: E402
+from util.config import bool_flag  # noqa: E402
+from util.registry import add_method_args, create_model, method_for, pretrain_models  # noqa: E402
 
 PRECISIONS = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Pre-training step benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="mae_vit_base_patch16", help=f"one of {list_models('mae_')}")
-    parser.add_argument("--batch_size", default=64, type=int)
+    parser.add_argument("--model", default="mae_vit_base_patch16", help=f"one of {pretrain_models()}")
+    parser.add_argument("--batch_size", default=64, type=int, help="images per step")
     parser.add_argument("--input_size", default=None, type=int, help="default: the model's own size")
     parser.add_argument("--precision", default="bf16", choices=list(PRECISIONS))
     parser.add_argument("--steps", default=10, type=int, help="timed steps (after --warmup untimed ones)")
-    parser.add_argument("--warmup", default=3, type=int)
-    parser.add_argument("--mask_ratio", default=0.75, type=float)
+    parser.add_argument("--warmup", default=3, type=int, help="untimed steps first (allocator, caches)")
+    parser.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
+    parser.add_argument("--norm_pix_loss", default=True, type=bool_flag, help="per-patch normalised target (the recipe)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice)")
+    add_method_args(parser)
     return parser
 
 
@@ -41,9 +44,9 @@ def main(args) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    kwargs = {"norm_pix_loss": True, "mask_ratio": args.mask_ratio}
-    if args.input_size:
-        kwargs["img_size"] = args.input_size
+    kwargs = method_for(args.model).model_kwargs(args)
+    if args.input_size is None:
+        del kwargs["img_size"]  # the factory's own size
     task = PretrainTask(create_model(args.model, **kwargs)).to(device)
     size = task.model.patch_embed.img_size[0]
     optimizer = build_optimizer(task, argparse.Namespace(weight_decay=0.05, lr=1e-4))

@@ -97,3 +97,33 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class _GatherWithGradientSum(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums the incoming gradient over ranks, then takes the local slice."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Rows of every rank, concatenated in rank order (W·n, ...), differentiable.
+
+    The backward all-reduces (sums) the gradient, so with DDP's gradient averaging a loss on the gathered
+    rows gets exactly the single-process gradient on the same global batch; a gather whose backward only
+    keeps the local slice scales that gradient by 1/W. Equal row counts on every rank are assumed. With
+    one process (no process group) this is the identity.
+    """
+    if get_world_size() == 1:
+        return tensor
+    return _GatherWithGradientSum.apply(tensor)

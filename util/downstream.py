@@ -72,6 +72,8 @@ def validate_common_args(args, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--data_path: no such folder: {args.data_path!r}")
     if args.finetune and not Path(args.finetune).is_file():
         parser.error(f"--finetune: no such file: {args.finetune}")
+    if args.resume and not Path(args.resume).is_file():
+        parser.error(f"--resume: no such file: {args.resume}")
 
 
 def build_vit(args, num_classes: int, **kwargs) -> nn.Module:
