@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import torch
-from timm.optim import param_groups_weight_decay
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 
@@ -107,8 +106,7 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
 
 
 def build_optimizer(task: PretrainTask, args) -> torch.optim.Optimizer:
-    # MAE decays everything but biases and norm weights (so cls_token and mask_token are decayed).
-    groups = param_groups_weight_decay(task.model, args.weight_decay)
+    groups = task.model.param_groups(args.weight_decay)
     if task.probe is not None:
         groups.append({"params": list(task.probe.parameters()), "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
@@ -141,7 +139,7 @@ def main(args) -> torch.nn.Module:
     num_classes = dataset.num_classes
     if (args.online_probe or args.knn_freq) and num_classes == 0:
         raise SystemExit("error: --online_probe and --knn_freq need labels, but the data at --data_path has no class folders")
-    train_set = SeededDataset(subset(dataset, args.subset_size, args.seed), args.seed, num_patches=model.num_patches)
+    train_set = SeededDataset(subset(dataset, args.subset_size, args.seed), args.seed, noise_size=model.noise_per_sample)
     steps_per_epoch_check(len(train_set), args.batch_size, info.world_size)
     loader = make_loader(train_set, info, args, train=True)
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
+from timm.optim import param_groups_weight_decay
 
 from util.mim import gather_tokens, masked_mse_loss, normalize_patches, patchify, random_masking
 from util.pos_embed import sincos_2d
@@ -130,8 +131,17 @@ class MaskedAutoencoderViT(nn.Module):
         target = patchify(imgs, self.patch_size)
         return normalize_patches(target) if self.norm_pix_loss else target
 
+    @property
+    def noise_per_sample(self) -> int:
+        """Uniform noise values per image that this model's masks are drawn from (the data loader draws them)."""
+        return self.num_patches
+
     def draw_noise(self, imgs: torch.Tensor) -> torch.Tensor:
-        return torch.rand(imgs.shape[0], self.num_patches, device=imgs.device)
+        return torch.rand(imgs.shape[0], self.noise_per_sample, device=imgs.device)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: MAE decays all but biases and norm weights (so cls_token and mask_token are decayed)."""
+        return param_groups_weight_decay(self, weight_decay)
 
     # --- the engine's contract ----------------------------------------------------------------------
     def forward(self, imgs: torch.Tensor, noise: Optional[torch.Tensor] = None) -> PretrainOutput:
@@ -157,41 +167,50 @@ class MaskedAutoencoderViT(nn.Module):
         return self.encode(tokens, all_ids)[:, 0]
 
 
-def _mae(default_img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
-         decoder_embed_dim: int, decoder_depth: int, decoder_num_heads: int, **kwargs) -> MaskedAutoencoderViT:
-    kwargs.setdefault("img_size", default_img_size)
-    return MaskedAutoencoderViT(
-        patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-        decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads,
-        **kwargs,
-    )
+# Architectures by size; every method built on MAE uses the same table (ImageNet: decoder 512-d, 8 blocks).
+MAE_SIZES: dict[str, dict] = {
+    "vit_base_patch16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                             decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "vit_large_patch16": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+                              decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "vit_huge_patch14": dict(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+                             decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    # 32-px images (CIFAR, Fashion-MNIST): 64 patches of 4x4
+    "vit_tiny_patch4": dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3,
+                            decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4),
+    "vit_small_patch4": dict(img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6,
+                             decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
+}
 
 
-# ImageNet sizes: decoder 512-d, 8 blocks, 16 heads (MAE's default).
+def build_mae(size: str, model_class: type = MaskedAutoencoderViT, **kwargs) -> MaskedAutoencoderViT:
+    """`model_class` at the architecture `MAE_SIZES[size]`; kwargs override (e.g. img_size) or add options."""
+    return model_class(**{**MAE_SIZES[size], **kwargs})
+
+
 @register_model
 def mae_vit_base_patch16(**kwargs) -> MaskedAutoencoderViT:
-    return _mae(224, 16, 768, 12, 12, 512, 8, 16, **kwargs)
+    return build_mae("vit_base_patch16", **kwargs)
 
 
 @register_model
 def mae_vit_large_patch16(**kwargs) -> MaskedAutoencoderViT:
-    return _mae(224, 16, 1024, 24, 16, 512, 8, 16, **kwargs)
+    return build_mae("vit_large_patch16", **kwargs)
 
 
 @register_model
 def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
-    return _mae(224, 14, 1280, 32, 16, 512, 8, 16, **kwargs)
+    return build_mae("vit_huge_patch14", **kwargs)
 
 
-# 32-px sizes (CIFAR, Fashion-MNIST): 64 patches of 4x4.
 @register_model
 def mae_vit_tiny_patch4(**kwargs) -> MaskedAutoencoderViT:
-    return _mae(32, 4, 192, 12, 3, 128, 4, 4, **kwargs)
+    return build_mae("vit_tiny_patch4", **kwargs)
 
 
 @register_model
 def mae_vit_small_patch4(**kwargs) -> MaskedAutoencoderViT:
-    return _mae(32, 4, 384, 12, 6, 256, 4, 8, **kwargs)
+    return build_mae("vit_small_patch4", **kwargs)
 
 
 def mae_model_kwargs(args) -> dict:

@@ -103,7 +103,7 @@ def _seeded(tmp_path: Path) -> SeededDataset:
     for i in range(1, 12):
         (tmp_path / f"x{i}.png").write_bytes((tmp_path / "x.png").read_bytes())
     base = build_dataset("imagefolder", str(tmp_path), "train", build_transform(True, 16, "pretrain"))
-    return SeededDataset(base, seed=5, num_patches=16)
+    return SeededDataset(base, seed=5, noise_size=16)
 
 
 def test_seeded_samples_depend_only_on_seed_epoch_and_index(tmp_path):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from models_vit import load_pretrained_encoder
-from util.registry import create_model, list_models
+from util.registry import create_model, list_models, pretrain_models
 
 
 def _patch(name: str) -> int:
@@ -15,10 +15,11 @@ def test_forward_backward_every_model(name):
     torch.manual_seed(0)
     size = 2 * _patch(name)  # a 2x2 patch grid keeps even ViT-H cheap on the CPU
     images = torch.randn(2, 3, size, size)
-    if name.startswith("mae_"):
-        model = create_model(name, img_size=size, norm_pix_loss=True, mask_ratio=0.5)
+    if name in pretrain_models():
+        extra = {"num_masks": 2} if name.startswith("mi_mae_") else {}  # 2 disjoint masks fit 4 patches at ratio 0.5
+        model = create_model(name, img_size=size, norm_pix_loss=True, mask_ratio=0.5, **extra)
         loss, terms, features = model(images)
-        assert set(terms) == {"rec"} and torch.equal(terms["rec"], loss.detach())
+        assert "rec" in terms and all(v.ndim == 0 and not v.requires_grad for v in terms.values())
         assert features.shape == (2, model.cls_token.shape[-1])
     else:
         model = create_model(name, img_size=size, num_classes=5)
@@ -28,7 +29,7 @@ def test_forward_backward_every_model(name):
     assert torch.isfinite(loss)
     loss.backward()
     for param_name, param in model.named_parameters():
-        if param.requires_grad and not param_name.startswith(("mask_token", "decoder")):
+        if param.requires_grad and param_name.startswith(("patch_embed", "blocks", "cls_token")):
             assert param.grad is not None, f"{name}: no gradient for {param_name}"
 
 

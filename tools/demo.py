@@ -31,9 +31,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--output_dir", default=str(ROOT / "demo_output"))
-    parser.add_argument("--pretrain_images", default=12000, type=int, help="training subset for pre-training")
+    parser.add_argument("--pretrain_images", default=8000, type=int, help="training subset for pre-training")
     parser.add_argument("--pretrain_epochs", default=3, type=int)
-    parser.add_argument("--probe_images", default=10000, type=int, help="training subset for the probes")
+    parser.add_argument("--probe_images", default=4000, type=int, help="training subset for the probes")
     parser.add_argument("--device", default="cuda", help="cuda when available, else the CPU")
     args = parser.parse_args()
     out = Path(args.output_dir)
@@ -46,8 +46,10 @@ def main() -> None:
                              "--blr", "4e-3", "--subset_size", str(args.pretrain_images), "--vis_freq", "1",
                              "--print_freq", "50", "--output_dir", str(out / "pretrain")])
     checkpoint = out / "pretrain" / "checkpoint-last.pth"
+    # The probe's lr is far above MAE's 0.1: MAE's LARS recipe runs at batch 16384, 64x this one, and
+    # LARS's trust ratio makes the step relative to the weight norm, so it does not rescale by itself.
     probe = [*common, "--model", "vit_tiny_patch4", "--global_pool", "--cached_features", "true", "--epochs", "30",
-             "--warmup_epochs", "3", "--batch_size", "256", "--blr", "0.1", "--subset_size", str(args.probe_images),
+             "--warmup_epochs", "3", "--batch_size", "256", "--blr", "5", "--subset_size", str(args.probe_images),
              "--print_freq", "1000"]
     run("main_linprobe.py", [*probe, "--finetune", str(checkpoint), "--output_dir", str(out / "probe_pretrained")])
     run("main_linprobe.py", [*probe, "--output_dir", str(out / "probe_random_init")])

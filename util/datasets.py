@@ -155,11 +155,11 @@ class SeededDataset(Dataset):
 
     Runs therefore resume exactly and give the same samples whatever the number of ranks or workers.
     The epoch reaches the workers when each epoch's iterator pickles the dataset: no persistent workers.
-    With `num_patches > 0` a sample also carries uniform noise (num_patches,) for MAE's masking.
+    With `noise_size > 0` a sample also carries uniform noise (noise_size,) that the model's masks come from.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, num_patches: int = 0):
-        self.dataset, self.seed, self.num_patches, self.epoch = dataset, seed, num_patches, 0
+    def __init__(self, dataset: Dataset, seed: int, noise_size: int = 0):
+        self.dataset, self.seed, self.noise_size, self.epoch = dataset, seed, noise_size, 0
         self.num_classes = getattr(dataset, "num_classes", 0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -174,8 +174,8 @@ class SeededDataset(Dataset):
         random.seed(sample_seed)
         np.random.seed(sample_seed % 2**32)
         img, label = self.dataset[index]
-        if self.num_patches:
-            return img, label, torch.rand(self.num_patches)
+        if self.noise_size:
+            return img, label, torch.rand(self.noise_size)
         return img, label
 
 

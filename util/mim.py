@@ -75,3 +75,29 @@ def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     """MAE loss: sum_{b,p} m_bp * mean_P (pred - target)^2 / sum m; kept patches (m = 0) do not count."""
     per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum()
+
+
+def check_num_masks(num_patches: int, num_masks: int, mask_ratio: float) -> None:
+    """N disjoint visible sets of floor(L(1-r)) patches need N * floor(L(1-r)) <= L (integers: 1/(1-0.8) is 4.999...)."""
+    if num_masks < 1:
+        raise ValueError(f"--num_masks must be at least 1, got {num_masks}")
+    len_keep = num_visible(num_patches, mask_ratio)
+    if num_masks * len_keep > num_patches:
+        raise ValueError(
+            f"--num_masks {num_masks} orthogonal masks of {len_keep} visible patches need {num_masks * len_keep} "
+            f"patches but the image has {num_patches}; with --mask_ratio {mask_ratio} at most "
+            f"{num_patches // len_keep} fit (raise --mask_ratio or use --mask_mode independent)"
+        )
+
+
+def orthogonal_mask_noise(noise: torch.Tensor, num_masks: int, mask_ratio: float) -> torch.Tensor:
+    """(B, L) uniform noise -> (B, N, L) noise for N disjoint masks of one image.
+
+    With pi = argsort(noise) and n = floor(L(1-r)), mask k keeps pi[k*n:(k+1)*n]: its noise is the patch's
+    rank in pi shifted by k*n (mod L), so `random_masking` on it keeps exactly that slice.
+    """
+    num_patches = noise.shape[1]
+    check_num_masks(num_patches, num_masks, mask_ratio)
+    ranks = torch.argsort(torch.argsort(noise, dim=1), dim=1)
+    shifts = torch.arange(num_masks, device=noise.device) * num_visible(num_patches, mask_ratio)
+    return ((ranks[:, None, :] - shifts[None, :, None]) % num_patches).float()

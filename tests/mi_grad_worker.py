@@ -1,0 +1,35 @@
+"""Each rank computes MI-MAE's loss on its half of a fixed batch with --nce_gather; gradients averaged like DDP
+are saved by rank 0 (for tests/test_mi_mae_distributed.py)."""
+import sys
+
+import torch
+import torch.distributed as dist
+
+from util.registry import create_model
+
+
+def fixed_batch(size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(size, 3, 32, 32, generator=generator), torch.rand(size, 64, generator=generator)
+
+
+def model_gradients(images: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    # no BatchNorm in the projector: its statistics would be per rank, not per global batch
+    model = create_model("mi_mae_vit_tiny_patch4", norm_pix_loss=True, mi_proj="none", nce_gather=True)
+    model(images, noise).loss.backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    images, noise = fixed_batch()
+    rows = images.shape[0] // world
+    grads = model_gradients(images[rank * rows:(rank + 1) * rows], noise[rank * rows:(rank + 1) * rows])
+    for grad in grads.values():  # what DDP does
+        dist.all_reduce(grad)
+        grad /= world
+    if rank == 0:
+        torch.save(grads, sys.argv[1])
+    dist.destroy_process_group()

@@ -1,0 +1,60 @@
+"""The mutual-information terms of MI-MAE as pure tensor functions (computed in float32).
+
+- `multi_positive_info_nce`: InfoNCE lower bound on I(z_k; z_k') between the latents of the masks of one image.
+- `club_upper_bound`: CLUB (Cheng et al., 2020) upper bound on I(x; z) with a Gaussian q(z|x), in closed form.
+- `gaussian_log_likelihood`: the per-pair log q(z|x) averaged over feature dimensions, V's training signal.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def multi_positive_info_nce(
+    anchors: torch.Tensor, candidates: torch.Tensor, anchor_groups: torch.Tensor, candidate_groups: torch.Tensor,
+    anchor_index: torch.Tensor, temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over anchors of -1/|P(a)| sum_{p in P(a)} log( exp(s_ap) / sum_{c != a} exp(s_ac) ), s = u·v / tau.
+
+    anchors (R, d) and candidates (C, d) are L2-normalised; rows of the same group (image) are positives;
+    `anchor_index` (R,) gives each anchor's own row among the candidates, which is left out.
+    Returns the loss and the top-1 accuracy (%) of retrieving a positive among the candidates.
+    """
+    logits = anchors.float() @ candidates.float().T / temperature  # (R, C)
+    own = F.one_hot(anchor_index, candidates.shape[0]).bool()
+    logits = logits.masked_fill(own, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positive = (anchor_groups[:, None] == candidate_groups[None, :]) & ~own
+    per_anchor = -(log_prob.masked_fill(~positive, 0.0).sum(1)) / positive.sum(1).clamp(min=1)
+    accuracy = positive.gather(1, logits.argmax(1, keepdim=True)).float().mean() * 100
+    return per_anchor.mean(), accuracy.detach()
+
+
+def gaussian_log_likelihood(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag exp(logvar)) without the 2*pi constant, averaged over the last (feature) dimension:
+    -1/D sum_d [ (z_d - mu_d)^2 / (2 sigma_d^2) + log(sigma_d^2) / 2 ]. Shapes (..., D) -> (...)."""
+    z, mu, logvar = z.float(), mu.float(), logvar.float()
+    return -((z - mu).pow(2) / (2 * logvar.exp()) + 0.5 * logvar).mean(-1)
+
+
+def club_upper_bound(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """CLUB estimate of I(x; z), averaged over images: for each image i with M pairs (x_a, z_a),
+    l_i = 1/M sum_a [ log q(z_a|x_a) - 1/M sum_b log q(z_b|x_a) ], with q's log-likelihood averaged over dims.
+
+    z, mu, logvar: (B, M, D), mu/logvar = V(x) (pass them detached to keep V fixed). The log-variance terms
+    cancel and the inner mean is closed-form per dimension, 1/M sum_b (z_b - mu_a)^2 = Var_i(z) + (mean_i(z) - mu_a)^2,
+    so no (M x M) tensor is built.
+    """
+    z, mu, logvar = z.float(), mu.float(), logvar.float()
+    inv_two_var = 0.5 * torch.exp(-logvar)
+    positive = (z - mu).pow(2)
+    z_mean = z.mean(dim=1, keepdim=True)
+    negative = z.var(dim=1, unbiased=False, keepdim=True) + (z_mean - mu).pow(2)
+    return ((negative - positive) * inv_two_var).mean(-1).mean()
+
+
+def club_upper_bound_sampled(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+    """CLUB's sampled variant: each pair a is contrasted with one random partner b of the same image."""
+    perm = torch.argsort(torch.rand(z.shape[0], z.shape[1], generator=generator).to(z.device), dim=1)
+    shuffled = torch.gather(z, 1, perm.unsqueeze(-1).expand_as(z))
+    return (gaussian_log_likelihood(z, mu, logvar) - gaussian_log_likelihood(shuffled, mu, logvar)).mean()
+
