@@ -120,12 +120,10 @@ def optimizer_step(task: nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.zero_grad(set_to_none=True)
 
 
-def steps_per_epoch_check(num_samples: int, batch_size: int, world_size: int) -> int:
-    """Number of optimizer micro-steps per epoch with drop_last; at least one is needed."""
-    steps = num_samples // (batch_size * world_size)
-    if steps == 0:
-        raise ValueError(
-            f"the dataset has {num_samples} images, fewer than one global batch "
+def check_one_batch_fits(num_samples: int, batch_size: int, world_size: int) -> None:
+    """With drop_last an epoch needs at least one full global batch; say which flag to change if not."""
+    if num_samples < batch_size * world_size:
+        raise SystemExit(
+            f"error: the dataset has {num_samples} images, fewer than one global batch "
             f"(--batch_size {batch_size} x {world_size} processes); lower --batch_size"
         )
-    return steps

@@ -11,7 +11,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 
-from engine_pretrain import AMP_DTYPES, PretrainTask, autocast_for, steps_per_epoch_check, train_one_epoch
+from engine_pretrain import AMP_DTYPES, PretrainTask, autocast_for, check_one_batch_fits, train_one_epoch
 from util.checkpoint import find_resume_checkpoint, load_checkpoint, save_training_state
 from util.config import args_to_dict, bool_flag, git_sha, parse_with_config
 from util.datasets import DATASETS, SeededDataset, build_dataset, build_transform, subset
@@ -140,7 +140,7 @@ def main(args) -> torch.nn.Module:
     if (args.online_probe or args.knn_freq) and num_classes == 0:
         raise SystemExit("error: --online_probe and --knn_freq need labels, but the data at --data_path has no class folders")
     train_set = SeededDataset(subset(dataset, args.subset_size, args.seed), args.seed, noise_size=model.noise_per_sample)
-    steps_per_epoch_check(len(train_set), args.batch_size, info.world_size)
+    check_one_batch_fits(len(train_set), args.batch_size, info.world_size)
     loader = make_loader(train_set, info, args, train=True)
 
     eff_batch = args.batch_size * args.accum_iter * info.world_size
@@ -175,7 +175,7 @@ def main(args) -> torch.nn.Module:
     log_writer = SummaryWriter(args.log_dir or args.output_dir) if is_main_process() and args.output_dir else None
     vis_images = knn_loaders = None
     eval_transform = build_transform(False, args.input_size, "finetune")
-    if args.vis_freq > 0 and is_main_process():
+    if args.vis_freq > 0 and args.output_dir and is_main_process():
         eval_set = build_dataset(args.dataset, args.data_path, "train", eval_transform)
         vis_images = torch.stack([eval_set[i][0] for i in range(min(8, len(eval_set)))]).to(device)
     if args.knn_freq > 0:

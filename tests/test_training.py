@@ -106,3 +106,14 @@ def test_finetune_and_linprobe_from_the_pretrained_checkpoint(straight_run, tiny
     assert torch.equal(probe["blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
     assert set(k for k in probe if k.startswith("head.")) == {"head.0.running_mean", "head.0.running_var",
                                                               "head.0.num_batches_tracked", "head.1.weight", "head.1.bias"}
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_imagefolder, tmp_path):
+    """32 images / batch 8 = 4 steps an epoch: the 6th forward is step 1 of epoch 1."""
+    result = run_script(["tests/nan_worker.py", "6", *pretrain_flags(tiny_imagefolder, tmp_path, save_freq=0)], check=False)
+    assert result.returncode != 0
+    assert "non-finite loss term(s) ['loss', 'rec'] at step 1 of this epoch" in result.stderr
+    assert [r["epoch"] for r in read_log(tmp_path)] == [0]
+    checkpoint = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert checkpoint["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
