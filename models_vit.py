@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+from models_mae import MAE_SIZES
 from util.pos_embed import interpolate_pos_embed
 from util.registry import register_model
 
@@ -16,39 +17,38 @@ from util.registry import register_model
 _ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
 
 
-def _vit(default_img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
-         global_pool: bool = True, **kwargs) -> VisionTransformer:
-    kwargs.setdefault("img_size", default_img_size)
+def _vit(size: str, global_pool: bool = True, **kwargs) -> VisionTransformer:
+    """timm's ViT with the encoder of `MAE_SIZES[size]` (one table for both); kwargs override (img_size, depth)."""
+    arch = {key: MAE_SIZES[size][key] for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
     return VisionTransformer(
-        patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4,
-        qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        global_pool="avg" if global_pool else "token", **kwargs,
+        mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        global_pool="avg" if global_pool else "token", **{**arch, **kwargs},
     )
 
 
 @register_model
 def vit_base_patch16(**kwargs) -> VisionTransformer:
-    return _vit(224, 16, 768, 12, 12, **kwargs)
+    return _vit("vit_base_patch16", **kwargs)
 
 
 @register_model
 def vit_large_patch16(**kwargs) -> VisionTransformer:
-    return _vit(224, 16, 1024, 24, 16, **kwargs)
+    return _vit("vit_large_patch16", **kwargs)
 
 
 @register_model
 def vit_huge_patch14(**kwargs) -> VisionTransformer:
-    return _vit(224, 14, 1280, 32, 16, **kwargs)
+    return _vit("vit_huge_patch14", **kwargs)
 
 
 @register_model
 def vit_tiny_patch4(**kwargs) -> VisionTransformer:
-    return _vit(32, 4, 192, 12, 3, **kwargs)
+    return _vit("vit_tiny_patch4", **kwargs)
 
 
 @register_model
 def vit_small_patch4(**kwargs) -> VisionTransformer:
-    return _vit(32, 4, 384, 12, 6, **kwargs)
+    return _vit("vit_small_patch4", **kwargs)
 
 
 def load_pretrained_encoder(model: VisionTransformer, state_dict: dict[str, torch.Tensor]) -> list[str]:

@@ -13,16 +13,16 @@ def _patch(name: str) -> int:
 @pytest.mark.parametrize("name", list_models())
 def test_forward_backward_every_model(name):
     torch.manual_seed(0)
-    size = 2 * _patch(name)  # a 2x2 patch grid keeps even ViT-H cheap on the CPU
+    size = 2 * _patch(name)  # a 2x2 patch grid and 2 blocks keep even ViT-H cheap on the CPU, at its real width
     images = torch.randn(2, 3, size, size)
     if name in pretrain_models():
         extra = {"num_masks": 2} if name.startswith("mi_mae_") else {}  # 2 disjoint masks fit 4 patches at ratio 0.5
-        model = create_model(name, img_size=size, norm_pix_loss=True, mask_ratio=0.5, **extra)
+        model = create_model(name, img_size=size, depth=2, decoder_depth=1, norm_pix_loss=True, mask_ratio=0.5, **extra)
         loss, terms, features = model(images)
         assert "rec" in terms and all(v.ndim == 0 and not v.requires_grad for v in terms.values())
         assert features.shape == (2, model.cls_token.shape[-1])
     else:
-        model = create_model(name, img_size=size, num_classes=5)
+        model = create_model(name, img_size=size, depth=2, num_classes=5)
         logits = model(images)
         assert logits.shape == (2, 5)
         loss = logits.square().mean()
