@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch.nn as nn
 
 # Files whose import registers models and methods; a new method adds its file here.
-MODEL_MODULES = ("models_mae", "models_vit", "models_mi_mae")
+MODEL_MODULES = ("models_mae", "models_vit", "models_mi_mae", "models_m_mae")
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _METHODS: dict[str, "Method"] = {}
