@@ -1,0 +1,188 @@
+"""The submitit launchers: flags and rendezvous, a run on the local executor, and jobs on a real one-node SLURM
+cluster (tests/slurm_cluster.sh): a 2-task gloo job, and a job pre-empted mid-run that is requeued and resumes.
+
+The local run is the reference: a 1-process CPU run with a fixed seed, which any resumed run equals bit for bit.
+"""
+import json
+import re
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import submitit
+import torch
+from conftest import ROOT, run_script
+
+import main_finetune
+import main_linprobe
+import main_pretrain
+from util.submit import add_launcher_args, launch, make_executor, split_args, torchrun_env
+
+EPOCHS = 4
+
+
+def pretrain_flags(data: Path, out: Path, *extra: str) -> list[str]:
+    flags = {"model": "mae_vit_tiny_patch4", "input_size": 32, "batch_size": 8, "epochs": EPOCHS, "warmup_epochs": 1,
+             "num_workers": 0, "amp": "none", "print_freq": 2, "seed": 3, "device": "cpu", "data_path": data,
+             "output_dir": out, "timeout": 60, "ngpus": 1}
+    return [item for key, value in flags.items() for item in (f"--{key}", str(value))] + list(extra)
+
+
+def read_epochs(out: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("module", [main_pretrain, main_finetune, main_linprobe])
+def test_launcher_flags_have_help_and_stay_out_of_the_run_args(module):
+    parser = module.get_args_parser()
+    launcher_flags = add_launcher_args(parser)
+    undocumented = [a.dest for a in parser._actions if a.dest != "help" and not a.help]
+    assert not undocumented, f"flags without help text: {undocumented}"
+    launcher, args = split_args(parser.parse_args(["--nodes", "2", "--ngpus", "8", "--partition", "gpu"]), launcher_flags)
+    assert (launcher.nodes, launcher.ngpus, launcher.partition) == (2, 8, "gpu")
+    assert not set(launcher_flags) & set(vars(args)) and "model" in vars(args)
+
+
+def test_rendezvous_from_a_slurm_job_environment(monkeypatch):
+    """Task 9 of a 2-node x 8-task job: the master is the first node of the list, the port follows the job id."""
+    for name, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]",
+                        "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_PROCID": "9",
+                        "SLURM_LOCALID": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert torchrun_env(submitit.JobEnvironment()) == {"MASTER_ADDR": "gpu07", "MASTER_PORT": "24242", "RANK": "9",
+                                                      "WORLD_SIZE": "16", "LOCAL_RANK": "1"}
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_imagefolder, tmp_path_factory) -> Path:
+    """submitit_pretrain.py --executor local: the job's task runs on this machine and the launcher waits for it."""
+    out = tmp_path_factory.mktemp("local")
+    result = run_script(["submitit_pretrain.py", "--executor", "local", *pretrain_flags(tiny_imagefolder, out)])
+    assert f"output_dir: {out}" in result.stdout and re.search(r"job \d+ finished", result.stdout)
+    return out
+
+
+@pytest.mark.slow
+def test_local_executor_runs_the_job(local_run):
+    assert read_epochs(local_run) == list(range(EPOCHS))
+    assert (local_run / "checkpoint-last.pth").is_file() and (local_run / f"checkpoint-{EPOCHS - 1}.pth").is_file()
+    [task_log] = local_run.glob("submitit/*/*_0_log.out")
+    assert "submitit job" in task_log.read_text()
+    assert "executor" not in (local_run / "args.yaml").read_text()  # args.yaml stays a valid main_pretrain --config
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """A one-node SLURM cluster for this module; skipped (with the reason) only if it cannot be installed or started."""
+    folder = tmp_path_factory.mktemp("slurm_cluster")
+    script = str(ROOT / "tests" / "slurm_cluster.sh")
+    try:
+        started = subprocess.run([script, "start", str(folder)], capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        started = subprocess.CompletedProcess([], 1, "", "timed out")
+    if started.returncode != 0:
+        subprocess.run([script, "stop", str(folder)], capture_output=True)
+        reason = f"no SLURM cluster: tests/slurm_cluster.sh start failed: {(started.stdout + started.stderr)[-1500:]}"
+        warnings.warn(reason, stacklevel=1)  # shown in pytest's summary even without -rs
+        pytest.skip(reason)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            # the jobs inherit this environment: the cluster's config, one thread (bit-identical to the local run)
+            for name, value in {"SLURM_CONF": str(folder / "slurm.conf"), "OMP_NUM_THREADS": "1",
+                                "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}.items():
+                patch.setenv(name, value)
+            yield folder
+            subprocess.run(["scancel", "--user", "root"], capture_output=True)
+    finally:
+        subprocess.run([script, "stop", str(folder)], capture_output=True)
+
+
+def submit(argv: list[str]) -> submitit.Job:
+    return launch(main_pretrain.get_args_parser, main_pretrain.validate_args, main_pretrain.main, "mim_test", argv)
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    line = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True).stdout
+    return dict(item.split("=", 1) for item in line.split() if "=" in item)
+
+
+def job_logs(job: submitit.Job) -> str:
+    return "\n".join(path.read_text()[-3000:] for path in (job.paths.stdout, job.paths.stderr) if path.exists())
+
+
+def wait_until(job: submitit.Job, done, what: str, timeout_s: float = 150) -> None:
+    deadline = time.time() + timeout_s
+    while not done():
+        state = job_info(job.job_id)["JobState"]
+        assert state in {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"}, \
+            f"job {job.job_id} is {state} while waiting for {what}:\n{job_logs(job)}"
+        assert time.time() < deadline, f"job {job.job_id} ({state}): no {what} after {timeout_s} s:\n{job_logs(job)}"
+        time.sleep(0.2)
+
+
+def wait_for_completion(job: submitit.Job) -> None:
+    wait_until(job, lambda: job_info(job.job_id)["JobState"] == "COMPLETED", "completion")
+
+
+@pytest.mark.slurm
+def test_sbatch_requests_gpus_only_for_gpu_runs(slurm_cluster, tiny_imagefolder, tmp_path):
+    parser = main_pretrain.get_args_parser()
+    launcher_flags = add_launcher_args(parser)
+
+    def sbatch_text(*flags: str) -> str:
+        launcher, args = split_args(parser.parse_args(["--data_path", str(tiny_imagefolder), "--output_dir",
+                                                       str(tmp_path), "--num_workers", "9", *flags]), launcher_flags)
+        return make_executor(launcher, args, "x")._executor._make_submission_file_text("command", "0")
+
+    gpu = sbatch_text("--nodes", "4", "--ngpus", "8", "--partition", "learn", "--account", "mim", "--qos", "high",
+                      "--constraint", "volta32gb", "--comment", "deadline", "--exclude", "n[1-2]", "--mem_per_gpu", "40")
+    for line in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10", "--mem=320GB",
+                 "--partition=learn", "--account=mim", "--qos=high", "--constraint=volta32gb", "--comment=deadline",
+                 "--exclude='n[1-2]'", "--time=4320"):
+        assert f"#SBATCH {line}\n" in gpu, line
+    cpu = sbatch_text("--device", "cpu", "--ngpus", "2")
+    assert "#SBATCH --ntasks-per-node=2\n" in cpu and "--gpus" not in cpu and "--mem" not in cpu and "--partition" not in cpu
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_task_job_trains_in_one_process_group(slurm_cluster, local_run, tiny_imagefolder, tmp_path):
+    """--ngpus 2 --device cpu: 2 gloo processes x batch 4 train on what 1 process x batch 8 trains on."""
+    job = submit(pretrain_flags(tiny_imagefolder, tmp_path, "--ngpus", "2", "--batch_size", "4"))
+    wait_for_completion(job)
+    assert read_epochs(tmp_path) == list(range(EPOCHS))
+    assert (tmp_path / f"checkpoint-{EPOCHS - 1}.pth").is_file()
+    rank0, rank1 = (Path(str(job.paths.stdout).replace("_0_log", f"_{task}_log")).read_text() for task in (0, 1))
+    assert f"submitit job {job.job_id}: task 0 of 2" in rank0 and f"submitit job {job.job_id}: task 1 of 2" in rank1
+    assert "effective batch: 8" in rank0 and "effective batch" not in rank1  # world size 2; rank 1 is silenced
+    # gradients averaged over both ranks: the weights of one process on the whole batch (up to float error)
+    ours, reference = final_weights(tmp_path), final_weights(local_run)
+    assert ours.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(ours[key], value, atol=2e-5, rtol=0, msg=f"{key} differs")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preempted_job_is_requeued_and_resumes(slurm_cluster, local_run, tiny_imagefolder, tmp_path):
+    """USR2 (what SLURM sends before pre-emption or the time limit) after epoch 0: submitit calls checkpoint(),
+    requeues the job, and the requeued job resumes from checkpoint-last.pth: same log, same weights."""
+    job = submit(pretrain_flags(tiny_imagefolder, tmp_path))
+    log = tmp_path / "log.txt"
+    wait_until(job, lambda: log.is_file() and log.read_text().strip(), "epoch 0")
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    wait_for_completion(job)
+    stdout = job.paths.stdout.read_text()
+    assert job_info(job.job_id)["Restarts"] == "1", job_logs(job)
+    assert "this job is preempted" in stdout and "resumed from" in stdout
+    assert read_epochs(tmp_path) == list(range(EPOCHS))
+    ours, reference = final_weights(tmp_path), final_weights(local_run)
+    assert ours.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(ours[key], value), f"{key} differs"
