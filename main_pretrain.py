@@ -208,6 +208,9 @@ def main(args) -> torch.nn.Module:
             save_image(grid, Path(args.output_dir) / f"reconstruction-{epoch:04d}.png")
             log_writer.add_image("reconstruction", grid, epoch)
 
+        # Log before the checkpoint: a kill in between re-trains this epoch and resume drops the stale line,
+        # while the other order could lose the line of an epoch the checkpoint already holds.
+        append_log(args.output_dir, record)
         if args.output_dir and is_main_process():
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else {},
@@ -215,7 +218,6 @@ def main(args) -> torch.nn.Module:
             if task.probe is not None:
                 state["online_probe"] = task.probe.state_dict()
             save_training_state(args, epoch, state)
-        append_log(args.output_dir, record)
         if log_writer is not None:
             log_writer.flush()
 

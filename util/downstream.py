@@ -125,11 +125,6 @@ def fit(args, info: DistInfo, device: torch.device, model: nn.Module, optimizer:
         seed_everything(args.seed + epoch + 1000 * info.rank)  # drop path and mixup: per epoch, per rank
         train_stats = train_one_epoch(train_model, criterion, train_loader, optimizer, device, epoch, scaler, args,
                                       mixup_fn, log_writer)
-        if args.output_dir and is_main_process():
-            save_training_state(args, epoch, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {}, "args": args_to_dict(args),
-                "git_sha": git_sha()})
         test_stats = evaluate(model, val_loader, device, args.amp)
         best_acc1 = max(best_acc1, test_stats["acc1"])
         print(f"accuracy of the network on the val images: {test_stats['acc1']:.2f}% (best {best_acc1:.2f}%)")
@@ -139,7 +134,12 @@ def fit(args, info: DistInfo, device: torch.device, model: nn.Module, optimizer:
             for name in ("acc1", "acc5", "loss"):
                 log_writer.add_scalar(f"perf/test_{name}", test_stats[name], epoch)
             log_writer.flush()
-        append_log(args.output_dir, record)
+        append_log(args.output_dir, record)  # before the checkpoint: see main_pretrain.py
+        if args.output_dir and is_main_process():
+            save_training_state(args, epoch, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else {}, "args": args_to_dict(args),
+                "git_sha": git_sha()})
     total = time.time() - start_time
     print(f"training time {int(total // 3600)}:{int(total // 60 % 60):02d}:{int(total % 60):02d}")
     return record
