@@ -65,9 +65,9 @@ def main() -> None:
     gain = pretrained["test_acc1"] - random_init["test_acc1"]
     print("\nFashion-MNIST test set (10,000 images), linear probe on frozen vit_tiny_patch4 features:")
     name = {"mi_mae": "MI-MAE", "mae": "MAE"}[args.method]
-    print(f"  {name + ' pre-trained encoder':<24}: top-1 {pretrained['test_acc1']:6.2f}%")
-    print(f"  {'random-init encoder':<24}: top-1 {random_init['test_acc1']:6.2f}%")
-    print(f"  {'gain from pre-training':<24}: {gain:+.2f} points   (total {time.time() - start:.0f} s)")
+    print(f"  {name + ' pre-trained encoder':<28}: top-1 {pretrained['test_acc1']:6.2f}%")
+    print(f"  {'random-init encoder':<28}: top-1 {random_init['test_acc1']:6.2f}%")
+    print(f"  {'gain from pre-training':<28}: {gain:+.2f} points   (total {time.time() - start:.0f} s)")
     records = [json.loads(line) for line in (out / "pretrain" / "log.txt").read_text().splitlines()]
     first, last = records[0], records[-1]
     terms = [k for k in last if k.startswith("train_") and k != "train_lr"]
