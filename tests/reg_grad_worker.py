@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from util.dist import gather_with_grad
+from util.dist import _GatherWithGradientSum, gather_with_grad
 from util.regularizers import tcr_loss, uniformity_loss
 
 REG_LAMBDA = 0.5
@@ -34,15 +34,8 @@ def weight_gradient(inputs: torch.Tensor, dim: int, regularizer: Callable, gathe
     return layer.weight.grad
 
 
-class OfficialGather(torch.autograd.Function):
-    """U-MAE's and M-MAE's GatherLayer: all_gather, and a backward that keeps only this rank's slice."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
+class OfficialGather(_GatherWithGradientSum):
+    """U-MAE's and M-MAE's GatherLayer: the same all_gather, but a backward that keeps only this rank's slice."""
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
