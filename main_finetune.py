@@ -14,9 +14,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from util.config import parse_with_config
 from util.datasets import SeededDataset, build_dataset, build_transform, subset
 from util.dist import cleanup, init_distributed
-from util.downstream import add_common_args, build_vit, effective_lr, fit, validate_common_args
+from util.downstream import add_common_args, build_vit, fit, validate_common_args
 from util.lr_decay import param_groups_lrd
-from util.run import make_loader, prepare_output_dir, resolve_device, seed_everything
+from util.run import make_loader, prepare_output_dir, resolve_device, seed_everything, set_effective_lr
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,7 +69,7 @@ def main(args) -> None:
     model = build_vit(args, num_classes, drop_path_rate=args.drop_path)
     trunc_normal_(model.head.weight, std=2e-5)  # MAE: a near-zero head keeps the first steps from wrecking features
     model.to(device)
-    effective_lr(args, info)
+    set_effective_lr(args, info)
     optimizer = torch.optim.AdamW(param_groups_lrd(model, args.weight_decay, args.layer_decay), lr=args.lr, fused=True)
     if mixup_fn is not None:
         criterion = SoftTargetCrossEntropy()  # mixup already smooths the labels

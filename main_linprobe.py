@@ -19,8 +19,8 @@ from engine_pretrain import autocast_for
 from util.config import bool_flag, parse_with_config
 from util.datasets import SeededDataset, build_dataset, build_transform, subset
 from util.dist import cleanup, init_distributed
-from util.downstream import add_common_args, build_vit, effective_lr, fit, validate_common_args
-from util.run import make_loader, prepare_output_dir, resolve_device, seed_everything
+from util.downstream import add_common_args, build_vit, fit, validate_common_args
+from util.run import make_loader, prepare_output_dir, resolve_device, seed_everything, set_effective_lr
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -97,7 +97,7 @@ def main(args) -> None:
         val_loader = make_loader(val_set, info, args, train=False)
     print(f"trainable parameters: {sum(p.numel() for p in probe_model.parameters() if p.requires_grad)}")
 
-    effective_lr(args, info)
+    set_effective_lr(args, info)
     optimizer = build_lars(head, args)
     record = fit(args, info, device, probe_model, optimizer, nn.CrossEntropyLoss(), train_loader, val_loader)
     if record:

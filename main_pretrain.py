@@ -18,7 +18,16 @@ from util.datasets import DATASETS, SeededDataset, build_dataset, build_transfor
 from util.dist import cleanup, init_distributed, is_main_process
 from util.knn import extract_features, knn_classify
 from util.registry import add_method_args, create_model, method_for, pretrain_models
-from util.run import append_log, default_workers, make_loader, prepare_output_dir, resolve_device, seed_everything, truncate_log
+from util.run import (
+    append_log,
+    default_workers,
+    make_loader,
+    prepare_output_dir,
+    resolve_device,
+    seed_everything,
+    set_effective_lr,
+    truncate_log,
+)
 from util.visualize import reconstruction_grid
 
 
@@ -143,10 +152,7 @@ def main(args) -> torch.nn.Module:
     check_one_batch_fits(len(train_set), args.batch_size, info.world_size)
     loader = make_loader(train_set, info, args, train=True)
 
-    eff_batch = args.batch_size * args.accum_iter * info.world_size
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
-    print(f"base lr: {args.blr:.3e}  effective batch: {eff_batch}  lr: {args.lr:.3e}")
+    set_effective_lr(args, info)
 
     task = PretrainTask(model, num_classes if args.online_probe else 0).to(device)
     optimizer = build_optimizer(task, args)

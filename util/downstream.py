@@ -86,13 +86,6 @@ def build_vit(args, num_classes: int, **kwargs) -> nn.Module:
     return model
 
 
-def effective_lr(args, info: DistInfo) -> None:
-    eff_batch = args.batch_size * args.accum_iter * info.world_size
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
-    print(f"base lr: {args.blr:.3e}  effective batch: {eff_batch}  lr: {args.lr:.3e}")
-
-
 def fit(args, info: DistInfo, device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer,
         criterion: nn.Module, train_loader, val_loader, mixup_fn: Optional[Callable] = None) -> dict:
     """Resume if possible, then train and evaluate every epoch; returns the last log record."""

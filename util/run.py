@@ -67,3 +67,11 @@ def make_loader(dataset: Dataset, info: DistInfo, args, train: bool) -> DataLoad
 
 def default_workers() -> int:
     return min(10, os.cpu_count() or 1)
+
+
+def set_effective_lr(args, info: DistInfo) -> None:
+    """MAE's rule: lr = blr x effective batch / 256 unless --lr is given; effective = batch x accum_iter x ranks."""
+    eff_batch = args.batch_size * args.accum_iter * info.world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    print(f"base lr: {args.blr:.3e}  effective batch: {eff_batch}  lr: {args.lr:.3e}")
