@@ -199,6 +199,9 @@ def main(args) -> torch.nn.Module:
         train_stats = train_one_epoch(train_task, loader, optimizer, device, epoch, scaler, args, log_writer)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
         record["epoch_time_s"] = round(time.time() - epoch_start, 2)
+        # Budgets for equal-epoch and equal-compute comparisons (tools/make_tables.py).
+        record["images_seen"] = (epoch + 1) * len(loader) * args.batch_size * info.world_size
+        record["sequences_seen"] = record["images_seen"] * model.sequences_per_image
 
         if knn_loaders is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
             model.eval()

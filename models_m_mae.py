@@ -166,8 +166,16 @@ def validate_regularizer_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--reg tcr is M-MAE's term, but {args.model} is U-MAE: use {args.model.replace('u_mae_', 'm_mae_', 1)}")
 
 
+def regularizer_run_label(args: dict) -> str:
+    """The regulariser actually used names the run: a U-MAE model with --reg tcr is M-MAE, --reg none is MAE."""
+    if args.get("reg") == "none" or args.get("reg_lambda") == 0:
+        return "MAE"
+    default = "U-MAE" if args["model"].startswith("u_mae_") else "M-MAE"
+    return {"uniformity": "U-MAE", "tcr": "M-MAE"}.get(args.get("reg"), default)
+
+
 # Both methods share one set of flags: only U-MAE's entry adds them (argparse refuses a flag added twice).
 register_method(Method(name="U-MAE", prefix="u_mae_", model_kwargs=regularizer_model_kwargs,
-                       add_args=add_regularizer_args, validate=validate_regularizer_args))
+                       add_args=add_regularizer_args, validate=validate_regularizer_args, run_label=regularizer_run_label))
 register_method(Method(name="M-MAE", prefix="m_mae_", model_kwargs=regularizer_model_kwargs,
-                       validate=validate_regularizer_args))
+                       validate=validate_regularizer_args, run_label=regularizer_run_label))

@@ -131,6 +131,9 @@ class MaskedAutoencoderViT(nn.Module):
         target = patchify(imgs, self.patch_size)
         return normalize_patches(target) if self.norm_pix_loss else target
 
+    # Masked sequences the encoder and decoder process per image: the unit of compute for equal-compute budgets.
+    sequences_per_image = 1
+
     @property
     def noise_per_sample(self) -> int:
         """Uniform noise values per image that this model's masks are drawn from (the data loader draws them)."""

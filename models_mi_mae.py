@@ -68,6 +68,10 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
             module.apply(self._init_module)
 
     @property
+    def sequences_per_image(self) -> int:
+        return self.num_masks
+
+    @property
     def noise_per_sample(self) -> int:
         # Orthogonal masks all come from one permutation; independent masks need their own noise each.
         return self.num_patches * (self.num_masks if self.mask_mode == "independent" else 1)
@@ -192,6 +196,14 @@ def mi_mae_model_kwargs(args: argparse.Namespace) -> dict:
     return {**mae_model_kwargs(args), **{name: getattr(args, name) for name in names}}
 
 
+def mi_mae_run_label(args: dict) -> str:
+    """MI-MAE with every MI weight at 0 is MAE (one mask) or the compute-matched MAE x N control."""
+    if args.get("w_max", 1.0) == 0 and args.get("w_min", 10.0) == 0:
+        num_masks = args.get("num_masks", 4)
+        return "MAE" if num_masks == 1 else f"MAE x {num_masks} (no MI)"
+    return "MI-MAE"
+
+
 def validate_mi_mae_args(args: argparse.Namespace) -> None:
     patch = MAE_SIZES[args.model.removeprefix("mi_mae_")]["patch_size"]
     if args.input_size % patch:
@@ -203,4 +215,4 @@ def validate_mi_mae_args(args: argparse.Namespace) -> None:
 
 
 register_method(Method(name="MI-MAE", prefix="mi_mae_", model_kwargs=mi_mae_model_kwargs, add_args=add_mi_mae_args,
-                       validate=validate_mi_mae_args))
+                       validate=validate_mi_mae_args, run_label=mi_mae_run_label))

@@ -26,6 +26,21 @@ def tiny_imagefolder(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def shallow_models(monkeypatch) -> None:
+    """Scripts run in this process build their models one block deep (widths and options unchanged)."""
+    import main_pretrain
+    import util.downstream
+    from util.registry import create_model, pretrain_models
+
+    def capped(name, **kwargs):
+        extra = {"decoder_depth": 1} if name in pretrain_models() else {}
+        return create_model(name, **{**kwargs, "depth": 1, **extra})
+
+    monkeypatch.setattr(main_pretrain, "create_model", capped)
+    monkeypatch.setattr(util.downstream, "create_model", capped)
+
+
 def run_script(args: list[str], *, torchrun: int = 0, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a repository script in a fresh process on the CPU; returns the completed process (text output)."""
     launcher = [sys.executable]

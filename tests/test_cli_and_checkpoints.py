@@ -116,11 +116,3 @@ def test_running_terms_means_and_non_finite_detection():
     running.add({"loss": torch.tensor(float("inf")), "rec": torch.tensor(1.0)}, 3)
     with pytest.raises(NonFiniteLossError, match=r"\['rec'\] at step 2"):
         running.check_finite()
-
-
-@pytest.mark.parametrize("config", sorted(Path(__file__).resolve().parent.parent.glob("configs/**/*.yaml")), ids=lambda p: p.name)
-def test_every_preset_parses_with_its_script(config):
-    module = {"pretrain": main_pretrain, "finetune": main_finetune, "linprobe": main_linprobe}[config.name.split("_")[0]]
-    args = parse_with_config(module.get_args_parser(), ["--config", str(config)])
-    values = yaml.safe_load(config.read_text())
-    assert all(getattr(args, key) == value for key, value in values.items())

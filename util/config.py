@@ -18,33 +18,55 @@ def bool_flag(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
+# Keys of a preset that are not flags: `_base_` names a preset whose values this one extends (path relative to
+# this file), `reference` records the published number the preset should reach (see configs/README.md).
+BASE_KEY, REFERENCE_KEY = "_base_", "reference"
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse `argv`; a `--config FILE` sets defaults first. Unknown YAML keys are an error naming them."""
+    """Parse `argv`; a `--config FILE` sets defaults first. Unknown YAML keys are an error naming them.
+
+    A preset's `reference` block travels in `args.reference` (None without one), so the run's args.yaml says
+    which published number it reproduces.
+    """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default="")
     known, _ = pre.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**load_config(known.config, parser))
+    values = load_config(known.config, parser) if known.config else {}
+    reference = values.pop(REFERENCE_KEY, None)
+    parser.set_defaults(**values)
     args = parser.parse_args(argv)
     args.config = known.config
+    args.reference = reference
     return args
 
 
-def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
+def load_config(path: str, parser: argparse.ArgumentParser, _seen: tuple[Path, ...] = ()) -> dict:
+    """The preset's values over those of its `_base_` chain; checks keys against `parser`'s flags."""
     file = Path(path)
     if not file.is_file():
         raise SystemExit(f"--config: no such file: {path}")
+    if file.resolve() in _seen:
+        raise SystemExit(f"--config {path}: `{BASE_KEY}` chain loops back to this file")
     try:
         values = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as err:
         raise SystemExit(f"--config {path}: not valid YAML: {err}") from err
     if not isinstance(values, dict):
         raise SystemExit(f"--config {path}: expected a mapping of flag names to values")
-    known = {action.dest for action in parser._actions}
+    reference = values.get(REFERENCE_KEY)
+    if reference is not None and not (isinstance(reference, dict) and isinstance(reference.get("value"), (int, float))):
+        raise SystemExit(f"--config {path}: `{REFERENCE_KEY}` must be a mapping with a numeric `value` "
+                         f"(and `metric`, `source`), got {reference!r}")
+    known = {action.dest for action in parser._actions} | {BASE_KEY, REFERENCE_KEY}
     unknown = sorted(set(values) - known)
     if unknown:
         raise SystemExit(f"--config {path}: unknown keys {unknown}; see --help for the flag names")
-    return values
+    base = values.pop(BASE_KEY, None)
+    if base is None:
+        return values
+    inherited = load_config(str(file.parent / base), parser, (*_seen, file.resolve()))
+    return {**inherited, **values}
 
 
 def save_args(args: argparse.Namespace, output_dir: str) -> None:
@@ -59,7 +81,7 @@ def args_to_dict(args: argparse.Namespace) -> dict:
     for key, value in vars(args).items():
         if isinstance(value, tuple):
             value = list(value)
-        if value is None or isinstance(value, (bool, int, float, str, list)):
+        if value is None or isinstance(value, (bool, int, float, str, list, dict)):
             plain[key] = value
         else:
             plain[key] = str(value)

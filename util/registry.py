@@ -27,6 +27,12 @@ class Method:
     model_kwargs: Callable[[argparse.Namespace], dict]
     add_args: Optional[Callable[[argparse.ArgumentParser], None]] = None
     validate: Optional[Callable[[argparse.Namespace], None]] = None  # raises ValueError naming the flag
+    # The name a run's results go under (tools/make_tables.py), from its saved args; e.g. MI-MAE with its MI
+    # losses off is the "MAE x 4" control. Default: `name`.
+    run_label: Optional[Callable[[dict], str]] = None
+
+    def label(self, args: dict) -> str:
+        return self.run_label(args) if self.run_label is not None else self.name
 
 
 def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
