@@ -131,8 +131,8 @@ def main(argv=None) -> str:
     commands = out / "commands.txt"
     common = ["--data_path", str(data), "--input_size", "32", "--device", args.device, "--num_workers", str(args.num_workers)]
     start = time.time()
-    for method, epochs in planned_runs(args):
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: an interrupted study still holds whole comparisons
+        for method, epochs in planned_runs(args):
             folder = out / f"{method}_{epochs}ep" / f"seed{seed}"
             if not finished(folder / "pretrain", epochs):
                 run("main_pretrain.py", [
