@@ -116,3 +116,23 @@ def test_running_terms_means_and_non_finite_detection():
     running.add({"loss": torch.tensor(float("inf")), "rec": torch.tensor(1.0)}, 3)
     with pytest.raises(NonFiniteLossError, match=r"\['rec'\] at step 2"):
         running.check_finite()
+
+
+def test_base_chain_and_reference(tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("batch_size: 7\nblr: 0.5\nreference: {source: paper, metric: top-1, value: 60.0}\n")
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("_base_: ../base.yaml\nblr: 0.25\nreference: {source: paper, metric: top-1, value: 61.5}\n")
+    args = parse_with_config(main_pretrain.get_args_parser(), ["--config", str(child), "--batch_size", "9"])
+    assert (args.batch_size, args.blr, args.reference["value"]) == (9, 0.25, 61.5)  # CLI > child > base
+    save_args(args, str(tmp_path))
+    again = parse_with_config(main_pretrain.get_args_parser(), ["--config", str(tmp_path / "args.yaml")])
+    assert again.reference == args.reference and again.blr == 0.25
+    child.write_text("_base_: ../base.yaml\nreference: null\n")  # a row without a published number
+    assert parse_with_config(main_pretrain.get_args_parser(), ["--config", str(child)]).reference is None
+    (tmp_path / "base.yaml").write_text("_base_: sub/child.yaml\n")
+    with pytest.raises(SystemExit, match="loops back"):
+        parse_with_config(main_pretrain.get_args_parser(), ["--config", str(child)])
+    child.write_text("reference: {value: high}\n")
+    with pytest.raises(SystemExit, match="numeric `value`"):
+        parse_with_config(main_pretrain.get_args_parser(), ["--config", str(child)])
