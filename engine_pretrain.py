@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from util.dist import get_world_size
 from util.lr_sched import adjust_learning_rate
-from util.metrics import Progress, RunningTerms, accuracy
+from util.metrics import NonFiniteStepSkipper, Progress, RunningTerms, accuracy
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
@@ -57,8 +57,13 @@ def train_one_epoch(
     scaler: Optional[torch.amp.GradScaler],
     args,
     log_writer=None,
+    nan_skips: Optional[NonFiniteStepSkipper] = None,
 ) -> dict[str, float]:
-    """One epoch; returns the epoch means of `loss`, `lr` and every term, averaged over ranks."""
+    """One epoch; returns the epoch means of `loss`, `lr` and every term, averaged over ranks.
+
+    Without `nan_skips` a non-finite term stops the run at the next log interval; with it (--nan_policy skip)
+    such steps are skipped and `nan_skips` (the epoch's count) joins the returned stats.
+    """
     task.train(True)
     accum_iter = args.accum_iter
     distributed = isinstance(task, nn.parallel.DistributedDataParallel)
@@ -68,6 +73,7 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     lr = optimizer.param_groups[0]["lr"]
     interval_start, interval_images = time.time(), 0
+    skipped_before = nan_skips.start_epoch() if nan_skips is not None else 0
 
     for step, batch in enumerate(data_loader):
         if step % accum_iter == 0:  # the schedule moves per optimizer step, on the fractional epoch
@@ -82,9 +88,14 @@ def train_one_epoch(
                 loss, terms = task(imgs, labels, noise)
             scaled = loss / accum_iter
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        step_terms = {"loss": loss.detach(), **terms}
+        if nan_skips is None or nan_skips.finite(step_terms, epoch, step):  # a host sync per step only if skipping
+            running.add(step_terms, step)
         if boundary:
-            optimizer_step(task, optimizer, scaler, args.clip_grad)
-        running.add({"loss": loss.detach(), **terms}, step)
+            if nan_skips is None or nan_skips.allow_step():
+                optimizer_step(task, optimizer, scaler, args.clip_grad)
+            else:
+                optimizer.zero_grad(set_to_none=True)
         interval_images += imgs.shape[0]
 
         if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
@@ -101,7 +112,10 @@ def train_one_epoch(
                 log_writer.add_scalar("train/img_per_s", images_per_s, epoch_1000x)
             interval_start, interval_images = time.time(), 0
 
-    return {"lr": lr, **running.means()}
+    stats = {"lr": lr, **running.means()}
+    if nan_skips is not None:
+        stats["nan_skips"] = nan_skips.skipped - skipped_before
+    return stats
 
 
 def optimizer_step(task: nn.Module, optimizer: torch.optim.Optimizer,

@@ -42,6 +42,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def validate_args(args, parser: argparse.ArgumentParser) -> None:
+    """Fail before any work on flags that cannot run."""
+    validate_common_args(args, parser)
+    if (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None) and args.batch_size % 2:
+        parser.error(f"--mixup/--cutmix mix each image with its mirror in the batch, so --batch_size must be even, "
+                     f"got {args.batch_size}")
+
+
 def main(args) -> None:
     info, device = init_distributed(args.device, args.dist_timeout)
     device = resolve_device(str(device))
@@ -84,5 +92,5 @@ def main(args) -> None:
 if __name__ == "__main__":
     parser = get_args_parser()
     args = parse_with_config(parser)
-    validate_common_args(args, parser)
+    validate_args(args, parser)
     main(args)

@@ -4,8 +4,7 @@
         --finetune runs/mae_b/checkpoint-last.pth --data_path /data/imagenet --output_dir runs/ft_b
 """
 import main_finetune
-from util.downstream import validate_common_args
 from util.submit import launch
 
 if __name__ == "__main__":
-    launch(main_finetune.get_args_parser, validate_common_args, main_finetune.main, "mim_finetune")
+    launch(main_finetune.get_args_parser, main_finetune.validate_args, main_finetune.main, "mim_finetune")

@@ -1,8 +1,9 @@
 """Checkpoints hold plain types only (dicts, tensors, numbers, strings) and load with weights_only=True.
 
-`checkpoint-last.pth` is rewritten atomically every epoch (temp file, fsync, rename), so a crash or a
-pre-emption leaves either the previous or the new complete file, and a restart resumes from it.
+Every checkpoint is written atomically (temp file, fsync, rename, fsync of the folder), so a crash, a kill
+or a full disk leaves either the previous or the new complete file, and a restart resumes from it.
 """
+import errno
 import os
 import pickle
 import tempfile
@@ -10,37 +11,92 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.nn as nn
 
 LAST = "checkpoint-last.pth"
+# A failed write says why in words: torch.save reports a full disk as a RuntimeError whose context is the OSError.
+_WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the output folder is on a read-only file system",
+    errno.EACCES: "the output folder is not writable (permission denied)",
+    errno.EPERM: "the output folder is not writable (operation not permitted)",
+}
+
+
+def _write_failure(err: BaseException) -> Optional[OSError]:
+    """The OSError behind `err` (itself, its cause or its context) whose errno says the disk refuses writes."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _WRITE_FAILURES:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
-    """torch.save to a temporary file beside `path`, flush it to disk, then rename over `path`."""
+    """torch.save to a temporary file beside `path`, flush it to disk, then rename over `path`.
+
+    If the disk is full or the folder read-only, raises an OSError (same errno) saying so; `path` keeps its
+    previous content and the temporary file is removed.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        _fsync_folder(path.parent)  # the rename itself survives a power cut only once the folder is on disk
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        failure = _write_failure(err)
+        if failure is None:
+            raise
+        raise OSError(failure.errno, f"cannot write checkpoint {path}: {_WRITE_FAILURES[failure.errno]} "
+                                     f"({failure.strerror}). The checkpoints already there are kept unchanged; free "
+                                     f"space or choose another --output_dir, then run the same command to resume") from err
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(folder: str | Path) -> None:
+    """Delete the temporary files of checkpoint saves that a killed process left behind in `folder`."""
+    for stale in Path(folder).glob(".checkpoint-*.pth.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load on CPU with weights_only=True; a file carrying pickled code is refused, naming the file."""
+    """Load on CPU with weights_only=True; a file carrying pickled code, or not a checkpoint at all, is refused
+    naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refusing to load {path}: it holds objects other than tensors and plain types "
-            f"(weights_only=True). Only load checkpoints you trust; details: {str(err).splitlines()[0]}"
-        ) from err
+        if "weights only load failed" in str(err).lower():  # torch's refusal of a global outside its allow-list
+            detail = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line), str(err).splitlines()[0])
+            raise ValueError(
+                f"refusing to load {path}: it holds objects other than tensors and plain types, which could run "
+                f"code, or is no torch checkpoint at all (weights_only=True). Only load checkpoints you trust; "
+                f"torch says: {detail}") from err
+        raise _unreadable(path, err) from err
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:  # torch's readers on truncated or foreign bytes
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: Path, err: BaseException) -> ValueError:
+    detail = (str(err).splitlines() or [""])[0] or type(err).__name__
+    return ValueError(f"{path} is not a readable checkpoint (truncated, corrupt or another format): {detail}")
 
 
 def model_state_from(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -49,6 +105,21 @@ def model_state_from(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
         if key in checkpoint and isinstance(checkpoint[key], dict):
             return checkpoint[key]
     return checkpoint
+
+
+def load_matching_state(module: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """module.load_state_dict(state) strictly, but first a ValueError naming the first key whose shape differs
+    (with both shapes), or the keys that one side lacks: a checkpoint of another model says what differs."""
+    own = module.state_dict()
+    for key, value in state.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise ValueError(f"{source}: shape mismatch at {key!r}: checkpoint {tuple(value.shape)}, "
+                             f"model {tuple(own[key].shape)}; the checkpoint is of another model or other model flags")
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source}: keys differ from the model's: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                         f"({len(missing)} and {len(unexpected)} in all); the checkpoint is of another model")
+    module.load_state_dict(state)
 
 
 def find_resume_checkpoint(args) -> Optional[Path]:
@@ -60,9 +131,14 @@ def find_resume_checkpoint(args) -> Optional[Path]:
 
 
 def save_training_state(args, epoch: int, state: dict[str, Any]) -> None:
-    """Write checkpoint-last.pth, plus checkpoint-<epoch>.pth every --save_freq epochs and at the end."""
+    """Write checkpoint-<epoch>.pth every --save_freq epochs and at the end, then checkpoint-last.pth.
+
+    The kept file comes first: a kill between the two leaves checkpoint-last.pth at the previous epoch, so the
+    restart trains this epoch again and writes both, and no kept checkpoint goes missing.
+    """
     output = Path(args.output_dir)
+    remove_stale_temp_files(output)  # only this process writes checkpoints here: any temp file is a killed save's
     state = dict(state, epoch=epoch)
-    save_atomic(state, output / LAST)
     if (args.save_freq > 0 and (epoch + 1) % args.save_freq == 0) or epoch + 1 == args.epochs:
         save_atomic(state, output / f"checkpoint-{epoch}.pth")
+    save_atomic(state, output / LAST)

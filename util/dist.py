@@ -3,9 +3,11 @@ import builtins
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import rendezvous
 
 
 @dataclass
@@ -52,15 +54,32 @@ def init_distributed(device: str = "cuda", timeout_s: int = 1800) -> tuple[DistI
         compute_device = torch.device("cpu")
     if _info.distributed:
         os.environ.setdefault("MASTER_PORT", "29500")
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
+            store=_store_of_this_attempt(_info, timeout),
             rank=_info.rank,
             world_size=_info.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=compute_device if use_cuda else None,
         )
     _silence_non_main_ranks(_info.rank == 0)
     return _info, compute_device
+
+
+def _store_of_this_attempt(info: DistInfo, timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """Under torchrun, the env:// store with keys prefixed by the restart count; elsewhere None (env:// as usual).
+
+    torchrun's agent keeps one store across `--max-restarts` restarts, so a restarted rank could read the peer
+    addresses that the previous attempt's ranks published there, connect to a dead process and fail ("Gloo
+    connectFullMesh failed ... Connection refused"); a prefix per attempt keeps every attempt to its own keys.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    store, _, _ = next(rendezvous("env://", info.rank, info.world_size, timeout=timeout))
+    store.set_timeout(timeout)  # as init_process_group does with the store it makes itself
+    return dist.PrefixStore(f"default_pg_attempt_{attempt}", store)
 
 
 def _silence_non_main_ranks(is_main: bool) -> None:
@@ -89,9 +108,25 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (a copy); the identity for a single process."""
     if get_world_size() == 1:
         return tensor
+    return all_reduce_sum(tensor) / get_world_size()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy); the identity for a single process. NCCL needs `tensor` on this rank's GPU."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks (a copy); the identity for a single process."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
+
+
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    if get_world_size() == 1:
+        return tensor
     tensor = tensor.clone()
-    dist.all_reduce(tensor)
-    return tensor / get_world_size()
+    dist.all_reduce(tensor, op=op)
+    return tensor
 
 
 def cleanup() -> None:

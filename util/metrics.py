@@ -4,11 +4,14 @@ from typing import Optional
 
 import torch
 
-from util.dist import all_reduce_mean
+from util.dist import all_reduce_max, all_reduce_mean
 
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or inf; the message names the term(s) and the step."""
+
+
+NON_FINITE_ADVICE = "Lower the lr, use --amp bf16 instead of fp16, or set --clip_grad."
 
 
 class RunningTerms:
@@ -41,7 +44,7 @@ class RunningTerms:
             names = [n for n, b in zip(self.names, self.bad.tolist()) if b]
             raise NonFiniteLossError(
                 f"non-finite loss term(s) {names} at step {self.first_bad_step.item()} of this epoch; "
-                "the last checkpoint was kept. Lower the lr, use --amp bf16 instead of fp16, or set --clip_grad."
+                f"the last checkpoint was kept. {NON_FINITE_ADVICE} (--nan_policy skip skips such steps)"
             )
 
     def means(self) -> dict[str, float]:
@@ -50,6 +53,48 @@ class RunningTerms:
             return {}
         averaged = all_reduce_mean(self.sums / max(self.count, 1)).tolist()
         return dict(zip(self.names, averaged))
+
+
+class NonFiniteStepSkipper:
+    """--nan_policy skip: an optimizer step whose micro-steps saw a non-finite loss or term on any rank is
+    dropped (its gradients are zeroed unused) instead of stopping the run; one more than `max_skips` skipped
+    steps in the whole run stops it. `skipped` counts them over the run (restored on resume).
+
+    Each micro-step costs one host sync, plus a small all-reduce (a flag per term) when distributed (so that every rank
+    skips the same steps); the default policy avoids both by checking only at log intervals.
+    """
+
+    def __init__(self, max_skips: int, skipped: int = 0):
+        self.max_skips, self.skipped = max_skips, skipped
+        self.pending: Optional[str] = None  # what went non-finite in the current accumulation window
+
+    def start_epoch(self) -> int:
+        """Forget a window the previous epoch left open (its gradients were zeroed); returns `skipped` so far."""
+        self.pending = None
+        return self.skipped
+
+    def finite(self, terms: dict[str, torch.Tensor], epoch: int, step: int) -> bool:
+        """Whether every term of this micro-step is finite on every rank (remembered for the window if not)."""
+        values = torch.stack([value.detach().float() for value in terms.values()])
+        bad = all_reduce_max((~torch.isfinite(values)).to(torch.int32)).tolist()
+        names = [name for name, flag in zip(terms, bad) if flag]
+        if names and self.pending is None:
+            self.pending = f"non-finite loss term(s) {names} at step {step} of epoch {epoch}"
+        return not names
+
+    def allow_step(self) -> bool:
+        """At the end of an accumulation window: True to step the optimizer, False to drop the window's gradients.
+
+        Raises NonFiniteLossError once more than `max_skips` steps have been skipped in the run."""
+        if self.pending is None:
+            return True
+        what, self.pending = self.pending, None
+        if self.skipped >= self.max_skips:
+            raise NonFiniteLossError(f"{what}, after {self.skipped} skipped optimizer steps (--max_nan_skips "
+                                     f"{self.max_skips}); the last checkpoint was kept. {NON_FINITE_ADVICE}")
+        self.skipped += 1
+        print(f"{what}: optimizer step skipped ({self.skipped} of --max_nan_skips {self.max_skips})", flush=True)
+        return False
 
 
 class Progress:

@@ -3,6 +3,7 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -37,12 +38,23 @@ def append_log(output_dir: str, record: dict) -> None:
 
 
 def truncate_log(output_dir: str, start_epoch: int) -> None:
-    """On resume, drop log lines of epochs that will be trained again, so each epoch appears exactly once."""
+    """On (re)start, drop log lines of epochs that will be trained again, so each epoch appears exactly once.
+
+    A line cut short by a kill is dropped too, and the file is replaced atomically: a kill here loses nothing."""
     path = Path(output_dir) / "log.txt"
     if not (is_main_process() and path.is_file()):
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < start_epoch]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [line for line in path.read_text().splitlines() if (epoch := _epoch_of(line)) is not None and epoch < start_epoch]
+    partial = path.with_name(".log.txt.tmp")
+    partial.write_text("".join(line + "\n" for line in kept))
+    os.replace(partial, path)
+
+
+def _epoch_of(line: str) -> Optional[int]:
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def resolve_device(requested: str) -> torch.device:
