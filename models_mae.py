@@ -9,6 +9,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from timm.optim import param_groups_weight_decay
@@ -76,7 +77,13 @@ class MaskedAutoencoderViT(nn.Module):
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        self.grad_checkpointing = False
         self.initialize_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each encoder and decoder block's activations in the backward pass instead of storing them:
+        activation memory of one block instead of all, for about one more forward pass of time; same gradients."""
+        self.grad_checkpointing = enable
 
     def initialize_weights(self) -> None:
         grid = int(self.num_patches**0.5)
@@ -102,6 +109,13 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.zeros_(module.bias)
 
     # --- pieces, reused by the methods built on MAE -------------------------------------------------
+    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        """x (B, n, D) through `blocks` in order, checkpointing each block when gradient checkpointing is on."""
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
+        for block in blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
+        return x
+
     def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, L, D) patch embeddings plus positions (cls excluded), before masking."""
         return self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
@@ -111,9 +125,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = gather_tokens(tokens, ids_keep)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return self.norm(self.run_blocks(self.blocks, x))
 
     def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Latent (B, 1 + K, D) -> predicted pixels (B, L, p*p*C) for every patch (cls dropped)."""
@@ -123,8 +135,7 @@ class MaskedAutoencoderViT(nn.Module):
         patches = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
         patches = gather_tokens(patches, ids_restore)  # back to the original patch order
         x = torch.cat([x[:, :1, :], patches], dim=1) + self.decoder_pos_embed
-        for block in self.decoder_blocks:
-            x = block(x)
+        x = self.run_blocks(self.decoder_blocks, x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
 
     def reconstruction_target(self, imgs: torch.Tensor) -> torch.Tensor:
