@@ -5,6 +5,7 @@
 """
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -12,11 +13,12 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 
 from engine_pretrain import AMP_DTYPES, PretrainTask, autocast_for, check_one_batch_fits, train_one_epoch
-from util.checkpoint import find_resume_checkpoint, load_checkpoint, save_training_state
+from util.checkpoint import find_resume_checkpoint, load_checkpoint, load_matching_state, save_training_state
 from util.config import args_to_dict, bool_flag, git_sha, parse_with_config
-from util.datasets import DATASETS, SeededDataset, build_dataset, build_transform, subset
-from util.dist import cleanup, init_distributed, is_main_process
+from util.datasets import DATASETS, SeededDataset, SkipBadImages, TrainData, build_dataset, build_transform, subset
+from util.dist import all_reduce_sum, cleanup, init_distributed, is_main_process
 from util.knn import extract_features, knn_classify
+from util.metrics import NonFiniteStepSkipper
 from util.registry import add_method_args, create_model, method_for, pretrain_models
 from util.run import (
     append_log,
@@ -61,14 +63,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--mask_ratio", default=0.75, type=open_unit_interval, help="fraction of patches removed")
     group.add_argument("--norm_pix_loss", action="store_true", help="normalise each target patch by its mean and std (MAE's recipe; better features)")
     parser.set_defaults(norm_pix_loss=False)
+    group.add_argument("--compile", default=False, type=bool_flag,
+                       help="torch.compile the model: fuses elementwise ops into fewer kernels (5-10%% faster steps on a CPU, more where "
+                            "kernel launches dominate, as on GPUs; minutes of compilation first); runs eagerly, with a warning, where unsupported")
+    group.add_argument("--grad_checkpointing", default=False, type=bool_flag,
+                       help="recompute each encoder and decoder block's activations in the backward: far less activation memory "
+                            "(larger batches or models per GPU) for 15-20%% more step time; same gradients")
 
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="imagefolder", choices=DATASETS,
-                       help="imagefolder: train/ class folders, or any folder of unlabelled images; fashion_mnist: IDX .gz files; cifar10/100: torchvision's files (never downloaded)")
+                       help="imagefolder: train/ class folders, or any folder of unlabelled images; fashion_mnist: IDX .gz files; cifar10/100: torchvision's files (never downloaded); tiny_imagenet: the official tiny-imagenet-200 folder")
     group.add_argument("--data_path", default="", help="dataset folder")
     group.add_argument("--subset_size", default=0, type=int, help="train on a fixed random subset of this many images (0: all); for quick runs")
     group.add_argument("--num_workers", default=default_workers(), type=int, help="data-loading processes per GPU/process")
     group.add_argument("--pin_mem", default=True, type=bool_flag, help="pin host memory for faster GPU copies")
+    group.add_argument("--skip_bad_images", default=False, type=bool_flag,
+                       help="replace each corrupt, truncated or empty image file by the next readable sample (the epoch keeps "
+                            "its length; each file is reported once, log.txt counts replacements as bad_images_replaced); "
+                            "off: the first read of such a file stops the run naming it")
 
     group = parser.add_argument_group("monitoring")
     group.add_argument("--online_probe", default=False, type=bool_flag,
@@ -88,6 +100,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--auto_resume", default=True, type=bool_flag, help="resume from output_dir/checkpoint-last.pth when it exists")
     group.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-<epoch>.pth every N epochs (checkpoint-last.pth is written every epoch)")
     group.add_argument("--dist_timeout", default=1800, type=int, help="seconds before a collective waiting on a dead rank fails")
+    group.add_argument("--nan_policy", default="stop", choices=("stop", "skip"),
+                       help="on a NaN/inf loss or term: stop (checked at --print_freq, naming the term and step; no per-step "
+                            "sync), or skip that optimizer step and go on (one host sync per step)")
+    group.add_argument("--max_nan_skips", default=20, type=int,
+                       help="with --nan_policy skip: skipped steps allowed in the whole run (counted across resumes; log.txt "
+                            "has train_nan_skips per epoch); one more stops it, as a diverging run would only waste compute")
     add_method_args(parser)
     return parser
 
@@ -104,6 +122,10 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
             parser.error(str(err))
     if args.batch_size < 1 or args.accum_iter < 1:
         parser.error("--batch_size and --accum_iter must be positive")
+    if args.online_probe and args.batch_size < 2:
+        parser.error("--online_probe trains a BatchNorm, which needs --batch_size of at least 2 per process")
+    if args.max_nan_skips < 0:
+        parser.error(f"--max_nan_skips must be non-negative, got {args.max_nan_skips}")
     if args.epochs < 1 or args.warmup_epochs < 0:
         parser.error("--epochs must be positive and --warmup_epochs non-negative")
     if not args.data_path:
@@ -121,13 +143,36 @@ def build_optimizer(task: PretrainTask, args) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
 
 
-def check_resumable(checkpoint: dict, args) -> None:
-    """A checkpoint from other model flags must not be resumed silently."""
-    saved = checkpoint.get("args", {})
-    for flag in ("model", "input_size", "norm_pix_loss", "mask_ratio"):
-        if flag in saved and saved[flag] != getattr(args, flag):
-            raise SystemExit(f"cannot resume: the checkpoint was trained with --{flag} {saved[flag]}, "
-                             f"this run asks for --{flag} {getattr(args, flag)}; use another --output_dir")
+def compile_model(model: torch.nn.Module) -> bool:
+    """torch.compile `model`'s forward in place, so its state-dict keys stay the same; False, with a warning, where
+    torch.compile is unsupported. A graph that fails to compile later (say, no C++ compiler for the CPU backend)
+    runs eagerly with a warning instead of stopping the run: dynamo's suppress_errors, set here for the process."""
+    try:
+        torch._dynamo.config.suppress_errors = True
+        model.compile()
+    except Exception as err:  # e.g. a Python version that Dynamo does not support yet
+        warnings.warn(f"--compile: torch.compile is unavailable here ({err}); the model runs eagerly", stacklevel=2)
+        return False
+    return True
+
+
+def check_resumable(checkpoint: dict, args, path: Path) -> None:
+    """Refuse, naming the flags, to resume a checkpoint trained with other model or method flags: --model,
+    --online_probe, and every flag that reaches the model's constructor through the method's model_kwargs
+    (input size, mask ratio, norm_pix_loss, each method's own flags). Schedule and data flags may change."""
+    saved = checkpoint.get("args") or {}
+    model_kwargs = method_for(args.model).model_kwargs
+    current = model_kwargs(args)
+    changed = []
+    for flag, value in saved.items():
+        now = getattr(args, flag, value)  # a flag this version no longer has cannot shape the model
+        if now == value:
+            continue
+        if flag in ("model", "online_probe") or model_kwargs(argparse.Namespace(**{**vars(args), flag: value})) != current:
+            changed.append(f"--{flag} {value} (this run: {now})")
+    if changed:
+        raise SystemExit(f"error: cannot resume from {path}: it was trained with {', '.join(changed)}; "
+                         f"rerun with the checkpoint's flags, or use another --output_dir")
 
 
 def main(args) -> torch.nn.Module:
@@ -140,39 +185,55 @@ def main(args) -> torch.nn.Module:
     try:
         model = create_model(args.model, **method_for(args.model).model_kwargs(args))
     except ValueError as err:  # e.g. an input size the patch size does not divide
-        raise SystemExit(f"error: {err}") from err
+        raise SystemExit(f"error: --model {args.model} with --input_size {args.input_size}: {err}") from err
     try:
-        dataset = build_dataset(args.dataset, args.data_path, "train", build_transform(True, args.input_size, "pretrain"))
+        # the method's samples (MAE: one augmented view) and between-epoch work (CMAE: ContrastiveCrop's boxes)
+        train_data = (method_for(args.model).train_data or TrainData)(args)
+        dataset = build_dataset(args.dataset, args.data_path, "train", train_data.image_transform())
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
     num_classes = dataset.num_classes
     if (args.online_probe or args.knn_freq) and num_classes == 0:
         raise SystemExit("error: --online_probe and --knn_freq need labels, but the data at --data_path has no class folders")
-    train_set = SeededDataset(subset(dataset, args.subset_size, args.seed), args.seed, noise_size=model.noise_per_sample)
+    train_images = subset(dataset, args.subset_size, args.seed)
+    if args.skip_bad_images:
+        train_images = SkipBadImages(train_images)
+    train_set = SeededDataset(train_data.wrap(train_images), args.seed, noise_size=model.noise_per_sample)
     check_one_batch_fits(len(train_set), args.batch_size, info.world_size)
     loader = make_loader(train_set, info, args, train=True)
 
     set_effective_lr(args, info)
 
     task = PretrainTask(model, num_classes if args.online_probe else 0).to(device)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing()
+    if args.compile:
+        compile_model(model)
     optimizer = build_optimizer(task, args)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters")
 
     start_epoch = 0
+    nan_skips = NonFiniteStepSkipper(args.max_nan_skips) if args.nan_policy == "skip" else None
     resume_path = find_resume_checkpoint(args)
     if resume_path is not None:
-        checkpoint = load_checkpoint(resume_path)
-        check_resumable(checkpoint, args)
-        model.load_state_dict(checkpoint["model"])
+        try:
+            checkpoint = load_checkpoint(resume_path)
+            check_resumable(checkpoint, args, resume_path)
+            load_matching_state(model, checkpoint["model"], resume_path)
+            train_data.load_state_dict(checkpoint.get("train_data", {}))
+        except ValueError as err:  # pickled code, a corrupt file, or another model's weights
+            raise SystemExit(f"error: {err}") from err
         if task.probe is not None and "online_probe" in checkpoint:
             task.probe.load_state_dict(checkpoint["online_probe"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
+        if nan_skips is not None:
+            nan_skips.skipped = checkpoint.get("nan_skips", 0)
         start_epoch = checkpoint["epoch"] + 1
-        truncate_log(args.output_dir, start_epoch)
         print(f"resumed from {resume_path} (epoch {checkpoint['epoch']} done)")
+    truncate_log(args.output_dir, start_epoch)  # also on a fresh start: lines of a run killed before its first checkpoint
 
     train_task = task
     if info.distributed:
@@ -183,21 +244,28 @@ def main(args) -> torch.nn.Module:
     eval_transform = build_transform(False, args.input_size, "finetune")
     if args.vis_freq > 0 and args.output_dir and is_main_process():
         eval_set = build_dataset(args.dataset, args.data_path, "train", eval_transform)
+        if args.skip_bad_images:
+            eval_set = SkipBadImages(eval_set)
         vis_images = torch.stack([eval_set[i][0] for i in range(min(8, len(eval_set)))]).to(device)
     if args.knn_freq > 0:
         bank = subset(build_dataset(args.dataset, args.data_path, "train", eval_transform), args.knn_max_train, args.seed)
         query = build_dataset(args.dataset, args.data_path, "val", eval_transform)
-        knn_loaders = [torch.utils.data.DataLoader(d, batch_size=args.batch_size, num_workers=args.num_workers) for d in (bank, query)]
+        knn_loaders = [torch.utils.data.DataLoader(SkipBadImages(d) if args.skip_bad_images else d, batch_size=args.batch_size,
+                                                   num_workers=args.num_workers) for d in (bank, query)]
 
     print(f"start training for {args.epochs - start_epoch} epochs from epoch {start_epoch}")
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
+        train_data.start_epoch(epoch)
         seed_everything(args.seed + epoch)  # main-process randomness depends on the epoch only: exact resume
         epoch_start = time.time()
-        train_stats = train_one_epoch(train_task, loader, optimizer, device, epoch, scaler, args, log_writer)
+        train_stats = train_one_epoch(train_task, loader, optimizer, device, epoch, scaler, args, log_writer, nan_skips)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
+        record.update(train_data.end_epoch(epoch, model, device, lambda: autocast_for(device, args.amp)))
+        if args.skip_bad_images:  # the workers' counts are in shared memory; other ranks' come by all-reduce
+            record["bad_images_replaced"] = int(all_reduce_sum(torch.tensor(train_images.new_replacements(), device=device)))
         record["epoch_time_s"] = round(time.time() - epoch_start, 2)
         # Budgets for equal-epoch and equal-compute comparisons (tools/make_tables.py).
         record["images_seen"] = (epoch + 1) * len(loader) * args.batch_size * info.world_size
@@ -226,6 +294,10 @@ def main(args) -> torch.nn.Module:
                      "args": args_to_dict(args), "git_sha": git_sha()}
             if task.probe is not None:
                 state["online_probe"] = task.probe.state_dict()
+            if nan_skips is not None:
+                state["nan_skips"] = nan_skips.skipped
+            if train_state := train_data.state_dict():
+                state["train_data"] = train_state
             save_training_state(args, epoch, state)
         if log_writer is not None:
             log_writer.flush()

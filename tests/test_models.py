@@ -18,7 +18,8 @@ def test_forward_backward_every_model(name):
     if name in pretrain_models():
         extra = {"num_masks": 2} if name.startswith("mi_mae_") else {}  # 2 disjoint masks fit 4 patches at ratio 0.5
         model = create_model(name, img_size=size, depth=2, decoder_depth=1, norm_pix_loss=True, mask_ratio=0.5, **extra)
-        loss, terms, features = model(images)
+        views = getattr(model, "views_per_image", 1)  # CMAE takes (B, views, C, H, W)
+        loss, terms, features = model(torch.stack([images] * views, dim=1) if views > 1 else images)
         assert "rec" in terms and all(v.ndim == 0 and not v.requires_grad for v in terms.values())
         assert features.shape == (2, model.cls_token.shape[-1])
     else:

@@ -5,11 +5,13 @@
 - fashion_mnist: the standard IDX files (`train-images-idx3-ubyte.gz`, ...), e.g. Debian's
   dataset-fashion-mnist under /usr/share/datasets/fashion-mnist.
 - cifar10 / cifar100: torchvision's python pickles (`cifar-10-batches-py/`, `cifar-100-python/`).
+- tiny_imagenet: the official `tiny-imagenet-200/` folder (train/<wnid>/images/, val/ labelled by val_annotations.txt).
 Every dataset hands its transform an RGB PIL image (grayscale repeated to 3 channels) and has `num_classes`
 (0 when unlabelled).
 """
 import gzip
 import random
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +25,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DATASETS = ("imagefolder", "fashion_mnist", "cifar10", "cifar100")
+DATASETS = ("imagefolder", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet")
 TRANSFORM_KINDS = ("pretrain", "linprobe", "finetune")
 
 Transform = Callable | None
@@ -33,10 +35,27 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMG_EXTENSIONS and path.is_file()
 
 
+class BadImageError(OSError):
+    """An image file that cannot be decoded (corrupt, truncated, empty, not an image); the message names it.
+
+    The message comes first and alone suffices, so that an error raised in a DataLoader worker is re-raised as
+    this type (the DataLoader rebuilds it from its message)."""
+
+    def __init__(self, message: str, path: str = "", reason: str = ""):
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
 def _load_rgb(path: str) -> Image.Image:
-    """ImageFolder's loader: a module-level function (unlike a lambda) pickles into spawned workers."""
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    """ImageFolder's loader: a module-level function (unlike a lambda) pickles into spawned workers.
+
+    Decoding happens here (convert), so a bad file fails at its first read with a BadImageError naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise BadImageError(f"cannot read image {path}: {err}. Delete or replace the file, or pre-train with "
+                            f"--skip_bad_images to use another sample in its place", path, str(err)) from err
 
 
 class UnlabeledImageFolder(Dataset):
@@ -132,6 +151,61 @@ def _cifar(name: str, root: Path, split: str, transform: Transform) -> Dataset:
     return dataset
 
 
+class LabelledImageFiles(Dataset):
+    """Image files with integer labels, decoded to RGB when read."""
+
+    def __init__(self, samples: list[tuple[Path, int]], num_classes: int, transform: Transform = None):
+        self.samples, self.num_classes, self.transform = samples, num_classes, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        img = _load_rgb(str(path))
+        return (self.transform(img) if self.transform else img), label
+
+
+def tiny_imagenet(root: Path, split: str, transform: Transform) -> LabelledImageFiles:
+    """Tiny-ImageNet-200 in its official layout, `root` being `tiny-imagenet-200/` or the folder holding it.
+
+    train: train/<wnid>/images/*.JPEG (500 per class); val: val/images/*.JPEG, labelled by val/val_annotations.txt
+    (file<TAB>wnid<TAB>box, 10,000 lines). Classes are the train/ folders in sorted order (ImageFolder's); the
+    test/ split has no public labels, so "val" is the evaluation split.
+    """
+    if not (root / "train").is_dir() and (root / "tiny-imagenet-200").is_dir():
+        root = root / "tiny-imagenet-200"
+    train = root / "train"
+    if not train.is_dir():
+        raise FileNotFoundError(f"--data_path {str(root)!r} has no train/ folder: --dataset tiny_imagenet expects the "
+                                f"official tiny-imagenet-200 layout (train/<wnid>/images/*.JPEG, val/images/, "
+                                f"val/val_annotations.txt)")
+    wnids = sorted(d.name for d in train.iterdir() if d.is_dir())
+    classes = {wnid: label for label, wnid in enumerate(wnids)}
+    if split == "train":
+        samples = [(p, classes[w]) for w in wnids for p in sorted((train / w / "images").glob("*")) if _is_image(p)]
+    else:
+        annotations = root / "val" / "val_annotations.txt"
+        if not annotations.is_file():
+            raise FileNotFoundError(f"{annotations} not found: Tiny-ImageNet's val images are labelled by that file")
+        samples = []
+        for number, line in enumerate(annotations.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) < 2:
+                raise ValueError(f"{annotations}, line {number}: expected 'file<TAB>wnid<TAB>box', got {line!r}")
+            if fields[1] not in classes:
+                raise ValueError(f"{annotations}, line {number}: class {fields[1]} has no folder in {train}")
+            path = root / "val" / "images" / fields[0]
+            if not path.is_file():
+                raise FileNotFoundError(f"{annotations}, line {number}: {path} does not exist")
+            samples.append((path, classes[fields[1]]))
+    if not samples:
+        raise FileNotFoundError(f"no {split} images found under {root} (looked for {', '.join(IMG_EXTENSIONS)} files)")
+    return LabelledImageFiles(samples, len(wnids), transform)
+
+
 def _image_folder(root: Path, split: str, transform: Transform) -> Dataset:
     """Train reads `root/train` if present, else `root` itself; val reads `root/val`, else `root/test`.
 
@@ -166,6 +240,8 @@ def build_dataset(name: str, data_path: str, split: str, transform: Transform) -
         return fashion_mnist(root, split, transform)
     if name in ("cifar10", "cifar100"):
         return _cifar(name, root, split, transform)
+    if name == "tiny_imagenet":
+        return tiny_imagenet(root, split, transform)
     return _image_folder(root, split, transform)
 
 
@@ -177,6 +253,51 @@ def subset(dataset: Dataset, size: int, seed: int) -> Dataset:
     chosen = torch.utils.data.Subset(dataset, indices.tolist())
     chosen.num_classes = dataset.num_classes
     return chosen
+
+
+class SkipBadImages(Dataset):
+    """`dataset` with every unreadable image replaced by the next readable sample (index + 1, + 2, ...,
+    cyclically): an epoch keeps its length, and the replacement depends on the index only, so a run stays
+    reproducible whatever the number of workers or restarts.
+
+    DataLoader workers are other processes, so what they find is kept in shared memory (forked and spawned
+    workers alike write into the main process's tensors): flags of known bad files, so that each is reported
+    once (on stderr, from every rank), and per-index replacement counts, which the main process sums for the
+    log. An index is loaded by one worker at a time, so its count needs no lock.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.num_classes = getattr(dataset, "num_classes", 0)
+        self.known_bad = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()
+        self.replaced = torch.zeros(len(dataset), dtype=torch.int64).share_memory_()
+        self.counted = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            if self.known_bad[candidate]:
+                continue
+            try:
+                sample = self.dataset[candidate]
+            except BadImageError as err:
+                self.known_bad[candidate] = True
+                sys.stderr.write(f"--skip_bad_images: skipping {err.path} ({err.reason})\n")
+                sys.stderr.flush()
+                continue
+            if offset:
+                self.replaced[index] += 1
+            return sample
+        raise BadImageError(f"none of the {len(self)} images can be read")
+
+    def new_replacements(self) -> int:
+        """Samples replaced (by this process and its workers) since the previous call."""
+        total = int(self.replaced.sum())
+        new, self.counted = total - self.counted, total
+        return new
 
 
 @contextmanager
@@ -264,6 +385,41 @@ def build_transform(is_train: bool, input_size: int, kind: str, args=None) -> Ca
     else:
         resize = [transforms.Resize((input_size, input_size), interpolation=bicubic)]
     return transforms.Compose([*resize, transforms.ToTensor(), normalize])
+
+
+class TrainData:
+    """A method's training samples and its work between epochs; main_pretrain calls these hooks for every method.
+
+    This base is MAE's: one augmented view per image (`build_transform`'s "pretrain"), nothing between epochs, no
+    state. A method with other samples subclasses it and names the subclass in its registry Method.train_data
+    (CMAE: two ContrastiveCrop views and their boxes, util/contrastive_crop.py).
+    """
+
+    def __init__(self, args):
+        self.args = args
+
+    def image_transform(self) -> Transform:
+        """What build_dataset applies to each RGB PIL image."""
+        return build_transform(True, self.args.input_size, "pretrain")
+
+    def wrap(self, images: Dataset) -> Dataset:
+        """The training set made from `images`, which yield (image_transform(img), label) in training order."""
+        return images
+
+    def start_epoch(self, epoch: int) -> None:
+        """Before the epoch's first step, on every rank."""
+
+    def end_epoch(self, epoch: int, model: torch.nn.Module, device: torch.device,
+                  amp_context: Callable) -> dict[str, float]:
+        """After the epoch's last step and before its checkpoint, on every rank: entries for the epoch's log line."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """Plain-typed state for the checkpoint, restored on resume by `load_state_dict`."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict`'s output; raises ValueError if it does not fit this run."""
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:

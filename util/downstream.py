@@ -45,7 +45,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     parser.set_defaults(global_pool=global_pool)
 
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="imagefolder", choices=DATASETS, help="imagefolder (train/ + val/ or test/), fashion_mnist (IDX files) or cifar10/cifar100 (torchvision's files); never downloaded")
+    group.add_argument("--dataset", default="imagefolder", choices=DATASETS, help="imagefolder (train/ + val/ or test/), fashion_mnist (IDX files), cifar10/cifar100 (torchvision's files) or tiny_imagenet (the official tiny-imagenet-200 folder, evaluated on its val split); never downloaded")
     group.add_argument("--data_path", default="", help="dataset folder (train/ and val/ or test/ class folders for imagefolder)")
     group.add_argument("--nb_classes", default=None, type=int, help="classes of the head; default: read from the dataset")
     group.add_argument("--subset_size", default=0, type=int, help="train on a fixed random subset of this many images (0: all)")

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch.nn as nn
 
 # Files whose import registers models and methods; a new method adds its file here.
-MODEL_MODULES = ("models_mae", "models_vit", "models_mi_mae", "models_m_mae")
+MODEL_MODULES = ("models_mae", "models_vit", "models_mi_mae", "models_m_mae", "models_cmae")
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _METHODS: dict[str, "Method"] = {}
@@ -30,6 +30,9 @@ class Method:
     # The name a run's results go under (tools/make_tables.py), from its saved args; e.g. MI-MAE with its MI
     # losses off is the "MAE x 4" control. Default: `name`.
     run_label: Optional[Callable[[dict], str]] = None
+    # The method's training samples and between-epoch work, a util.datasets.TrainData subclass built from the
+    # args (CMAE: two ContrastiveCrop views). Default: TrainData itself, MAE's one augmented view.
+    train_data: Optional[Callable[[argparse.Namespace], object]] = None
 
     def label(self, args: dict) -> str:
         return self.run_label(args) if self.run_label is not None else self.name
