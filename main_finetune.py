@@ -11,6 +11,7 @@ from timm.data import Mixup
 from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from engine_pretrain import resolve_amp
 from util.config import parse_with_config
 from util.datasets import SeededDataset, build_dataset, build_transform, subset
 from util.dist import cleanup, init_distributed
@@ -53,6 +54,7 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
 def main(args) -> None:
     info, device = init_distributed(args.device, args.dist_timeout)
     device = resolve_device(str(device))
+    args.amp = resolve_amp(args.amp, device)  # args.yaml records what ran
     prepare_output_dir(args)
     seed_everything(args.seed)
 

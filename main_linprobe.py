@@ -15,7 +15,7 @@ from timm.layers import trunc_normal_
 from timm.optim import Lars
 from torch.utils.data import TensorDataset
 
-from engine_pretrain import autocast_for
+from engine_pretrain import autocast_for, resolve_amp
 from util.config import bool_flag, parse_with_config
 from util.datasets import SeededDataset, build_dataset, build_transform, subset
 from util.dist import cleanup, init_distributed
@@ -58,6 +58,7 @@ def encode_dataset(encoder: nn.Module, loader, device: torch.device, amp: str) -
 def main(args) -> None:
     info, device = init_distributed(args.device, args.dist_timeout)
     device = resolve_device(str(device))
+    args.amp = resolve_amp(args.amp, device)  # args.yaml records what ran
     prepare_output_dir(args)
     seed_everything(args.seed)
 

@@ -12,7 +12,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 
-from engine_pretrain import AMP_DTYPES, PretrainTask, autocast_for, check_one_batch_fits, train_one_epoch
+from engine_pretrain import AMP_CHOICES, AMP_HELP, PretrainTask, autocast_for, check_one_batch_fits, resolve_amp, train_one_epoch
 from util.checkpoint import find_resume_checkpoint, load_checkpoint, load_matching_state, save_training_state
 from util.config import args_to_dict, bool_flag, git_sha, parse_with_config
 from util.datasets import DATASETS, SeededDataset, SkipBadImages, TrainData, build_dataset, build_transform, subset
@@ -54,8 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--min_lr", default=0.0, type=float, help="floor of the cosine schedule")
     group.add_argument("--warmup_epochs", default=40, type=int, help="linear warm-up epochs (fractional per step)")
     group.add_argument("--clip_grad", default=None, type=float, help="clip the global gradient norm to this (off by default, as MAE)")
-    group.add_argument("--amp", default="bf16", choices=list(AMP_DTYPES),
-                       help="autocast precision; bf16 needs no loss scaling and works on CPU; fp16 uses a GradScaler and can overflow with large models")
+    group.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=AMP_HELP)
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="mae_vit_large_patch16", help=f"pre-training model; one of {pretrain_models()}")
@@ -179,6 +178,7 @@ def main(args) -> torch.nn.Module:
     """Pre-train as `args` say; returns the trained model (every rank holds the same weights)."""
     info, device = init_distributed(args.device, args.dist_timeout)
     device = resolve_device(str(device))
+    args.amp = resolve_amp(args.amp, device)  # args.yaml records what ran
     prepare_output_dir(args)
     seed_everything(args.seed)
 

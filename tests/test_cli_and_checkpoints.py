@@ -136,3 +136,15 @@ def test_base_chain_and_reference(tmp_path, capsys):
     child.write_text("reference: {value: high}\n")
     with pytest.raises(SystemExit, match="numeric `value`"):
         parse_with_config(main_pretrain.get_args_parser(), ["--config", str(child)])
+
+
+@pytest.mark.parametrize("avx512_bf16,amx,expected", [(True, False, "bf16"), (False, True, "bf16"), (False, False, "none")])
+def test_amp_auto_uses_bf16_only_where_the_cpu_computes_it(monkeypatch, avx512_bf16, amx, expected):
+    """Emulated bf16 on a CPU without AVX-512 BF16 or AMX is many times slower than fp32, so auto means none there."""
+    from engine_pretrain import resolve_amp
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_amp("auto", torch.device("cpu")) == expected
+    assert [resolve_amp(amp, torch.device("cpu")) for amp in ("bf16", "fp16", "none")] == ["bf16", "fp16", "none"]
+    args = main_pretrain.get_args_parser().parse_args(["--data_path", "x"])
+    assert args.amp == "auto"

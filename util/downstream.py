@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
 from engine_finetune import evaluate, train_one_epoch
-from engine_pretrain import AMP_DTYPES
+from engine_pretrain import AMP_CHOICES, AMP_HELP
 from models_vit import load_pretrained_encoder
 from util.checkpoint import find_resume_checkpoint, load_checkpoint, model_state_from, save_training_state
 from util.config import args_to_dict, bool_flag, git_sha
@@ -34,7 +34,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     group.add_argument("--min_lr", default=0.0, type=float, help="floor of the cosine schedule")
     group.add_argument("--warmup_epochs", default=warmup_epochs, type=int, help="linear warm-up epochs (fractional per step)")
     group.add_argument("--clip_grad", default=None, type=float, help="clip the global gradient norm to this")
-    group.add_argument("--amp", default="bf16", choices=list(AMP_DTYPES), help="autocast precision (fp16 adds a GradScaler)")
+    group.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=AMP_HELP)
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="vit_large_patch16", help=f"one of {list_models('vit_')}")
