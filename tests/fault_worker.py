@@ -13,6 +13,7 @@ import io
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -40,6 +41,23 @@ def signal_at_forward(n: int, signum: int) -> None:
         return out
 
     models_mae.MaskedAutoencoderViT.forward = forward
+
+
+def poisoned_forward(is_poisoned: Callable[[int], bool]) -> Callable:
+    """MAE's forward whose loss and terms are NaN at the calls (1-based) for which `is_poisoned(call)` holds."""
+    original = models_mae.MaskedAutoencoderViT.forward
+    calls = 0
+
+    def forward(self, imgs, noise=None):
+        nonlocal calls
+        calls += 1
+        out = original(self, imgs, noise)
+        if not is_poisoned(calls):
+            return out
+        nan = torch.tensor(float("nan"))
+        return models_mae.PretrainOutput(out.loss * nan, {k: v * nan for k, v in out.terms.items()}, out.features)
+
+    return forward
 
 
 def kill_in_save(n: int) -> None:

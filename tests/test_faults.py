@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import ROOT, _free_port, run_script
+from fault_worker import poisoned_forward
 from test_training import assert_same_weights, read_log
 
 import main_finetune
@@ -60,19 +61,7 @@ def temp_files(out: Path) -> list[Path]:
 
 def poison_forward(monkeypatch, calls: set[int]) -> None:
     """MAE's loss and terms turn NaN at these forward calls (1-based)."""
-    original = models_mae.MaskedAutoencoderViT.forward
-    count = 0
-
-    def forward(self, imgs, noise=None):
-        nonlocal count
-        count += 1
-        out = original(self, imgs, noise)
-        if count not in calls:
-            return out
-        nan = torch.tensor(float("nan"))
-        return models_mae.PretrainOutput(out.loss * nan, {k: v * nan for k, v in out.terms.items()}, out.features)
-
-    monkeypatch.setattr(models_mae.MaskedAutoencoderViT, "forward", forward)
+    monkeypatch.setattr(models_mae.MaskedAutoencoderViT, "forward", poisoned_forward(lambda call: call in calls))
 
 
 @pytest.fixture(scope="module")
