@@ -1,9 +1,10 @@
 """main_pretrain.py whose MAE loss turns NaN from the N-th forward call on (N = argv[1]), for tests."""
 import sys
 
+from fault_worker import poisoned_forward  # tests/ is this script's folder
+
 import main_pretrain
 import models_mae
-from fault_worker import poisoned_forward  # tests/ is this script's folder
 from util.config import parse_with_config
 
 if __name__ == "__main__":
