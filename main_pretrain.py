@@ -195,9 +195,10 @@ def main(args) -> torch.nn.Module:
     num_classes = dataset.num_classes
     if (args.online_probe or args.knn_freq) and num_classes == 0:
         raise SystemExit("error: --online_probe and --knn_freq need labels, but the data at --data_path has no class folders")
-    train_images = subset(dataset, args.subset_size, args.seed)
-    if args.skip_bad_images:
-        train_images = SkipBadImages(train_images)
+    def readable(images):  # --skip_bad_images: every set this run reads replaces unreadable files
+        return SkipBadImages(images) if args.skip_bad_images else images
+
+    train_images = readable(subset(dataset, args.subset_size, args.seed))
     train_set = SeededDataset(train_data.wrap(train_images), args.seed, noise_size=model.noise_per_sample)
     check_one_batch_fits(len(train_set), args.batch_size, info.world_size)
     loader = make_loader(train_set, info, args, train=True)
@@ -243,14 +244,12 @@ def main(args) -> torch.nn.Module:
     vis_images = knn_loaders = None
     eval_transform = build_transform(False, args.input_size, "finetune")
     if args.vis_freq > 0 and args.output_dir and is_main_process():
-        eval_set = build_dataset(args.dataset, args.data_path, "train", eval_transform)
-        if args.skip_bad_images:
-            eval_set = SkipBadImages(eval_set)
+        eval_set = readable(build_dataset(args.dataset, args.data_path, "train", eval_transform))
         vis_images = torch.stack([eval_set[i][0] for i in range(min(8, len(eval_set)))]).to(device)
     if args.knn_freq > 0:
         bank = subset(build_dataset(args.dataset, args.data_path, "train", eval_transform), args.knn_max_train, args.seed)
         query = build_dataset(args.dataset, args.data_path, "val", eval_transform)
-        knn_loaders = [torch.utils.data.DataLoader(SkipBadImages(d) if args.skip_bad_images else d, batch_size=args.batch_size,
+        knn_loaders = [torch.utils.data.DataLoader(readable(d), batch_size=args.batch_size,
                                                    num_workers=args.num_workers) for d in (bank, query)]
 
     print(f"start training for {args.epochs - start_epoch} epochs from epoch {start_epoch}")

@@ -105,9 +105,7 @@ def is_main_process() -> bool:
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (a copy); the identity for a single process."""
-    if get_world_size() == 1:
-        return tensor
+    """Mean over ranks (a copy); a single process gets its own values."""
     return all_reduce_sum(tensor) / get_world_size()
 
 
