@@ -8,6 +8,7 @@ import re
 import subprocess
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -116,10 +117,13 @@ def job_logs(job: submitit.Job) -> str:
     return "\n".join(path.read_text()[-3000:] for path in (job.paths.stdout, job.paths.stderr) if path.exists())
 
 
-def wait_until(job: submitit.Job, done, what: str, timeout_s: float = 150) -> None:
+def wait_until(job: submitit.Job, done: Callable[[str], bool], what: str, timeout_s: float = 150) -> None:
+    """Poll until done(state); the state is read once per round, so a job finishing between two reads is not a failure."""
     deadline = time.time() + timeout_s
-    while not done():
+    while True:
         state = job_info(job.job_id)["JobState"]
+        if done(state):
+            return
         assert state in {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"}, \
             f"job {job.job_id} is {state} while waiting for {what}:\n{job_logs(job)}"
         assert time.time() < deadline, f"job {job.job_id} ({state}): no {what} after {timeout_s} s:\n{job_logs(job)}"
@@ -127,7 +131,7 @@ def wait_until(job: submitit.Job, done, what: str, timeout_s: float = 150) -> No
 
 
 def wait_for_completion(job: submitit.Job) -> None:
-    wait_until(job, lambda: job_info(job.job_id)["JobState"] == "COMPLETED", "completion")
+    wait_until(job, lambda state: state == "COMPLETED", "completion")
 
 
 @pytest.mark.slurm
@@ -176,7 +180,7 @@ def test_preempted_job_is_requeued_and_resumes(slurm_cluster, local_run, tiny_im
     job = submit(pretrain_flags(tiny_imagefolder, tmp_path))
     log = tmp_path / "log.txt"
     # epoch 0's checkpoint, written just after its log line, so that the requeued job has something to resume
-    wait_until(job, lambda: log.is_file() and log.read_text().strip() and (tmp_path / "checkpoint-last.pth").is_file(),
+    wait_until(job, lambda state: log.is_file() and log.read_text().strip() and (tmp_path / "checkpoint-last.pth").is_file(),
                "epoch 0")
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
     wait_for_completion(job)
