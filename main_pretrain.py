@@ -63,7 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--norm_pix_loss", action="store_true", help="normalise each target patch by its mean and std (MAE's recipe; better features)")
     parser.set_defaults(norm_pix_loss=False)
     group.add_argument("--compile", default=False, type=bool_flag,
-                       help="torch.compile the model: fuses elementwise ops into fewer kernels (5-10%% faster steps on a CPU, more where "
+                       help="torch.compile the model: fuses elementwise ops into fewer kernels (0-10%% faster steps on a CPU, more where "
                             "kernel launches dominate, as on GPUs; minutes of compilation first); runs eagerly, with a warning, where unsupported")
     group.add_argument("--grad_checkpointing", default=False, type=bool_flag,
                        help="recompute each encoder and decoder block's activations in the backward: far less activation memory "
