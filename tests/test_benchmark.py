@@ -1,5 +1,6 @@
 """tools/benchmark.py (FLOP count, JSON output, data mode), tools/compare_official.py's import shims, and the
-throughput levers of training: gradient checkpointing (same gradients) and --compile's fallback."""
+throughput levers of training: gradient checkpointing (same gradients), unfused attention (same weights up to
+rounding) and --compile's fallback."""
 import json
 import sys
 import warnings
@@ -164,3 +165,22 @@ def test_pretraining_with_grad_checkpointing_trains_the_same_weights(tiny_imagef
             trained.append(main_pretrain.main(args).state_dict())
     for key in trained[0]:
         assert torch.equal(trained[0][key], trained[1][key]), key
+
+
+def test_pretraining_with_unfused_attention_trains_the_same_weights_up_to_rounding(tiny_imagefolder, tmp_path, shallow_models):
+    parser = main_pretrain.get_args_parser()
+    trained = {}
+    for fused in ("true", "false"):
+        args = parse_with_config(parser, [
+            "--model", "mae_vit_tiny_patch4", "--data_path", str(tiny_imagefolder), "--input_size", "32",
+            "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--amp", "none",
+            "--vis_freq", "0", "--output_dir", str(tmp_path / fused), "--device", "cpu", "--fused_attn", fused])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trained[fused] = main_pretrain.main(args)
+    attention = [m for m in trained["false"].modules() if hasattr(m, "fused_attn")]
+    assert attention and not any(m.fused_attn for m in attention)
+    assert all(m.fused_attn for m in trained["true"].modules() if hasattr(m, "fused_attn"))
+    fused_weights, unfused_weights = trained["true"].state_dict(), trained["false"].state_dict()
+    for key in fused_weights:
+        torch.testing.assert_close(unfused_weights[key], fused_weights[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -38,7 +38,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine_pretrain import PretrainTask, autocast_for, optimizer_step  # noqa: E402
-from main_pretrain import build_optimizer, compile_model  # noqa: E402
+from main_pretrain import build_optimizer, compile_model, set_fused_attn  # noqa: E402
 from util.config import bool_flag  # noqa: E402
 from util.mim import num_visible, random_masking  # noqa: E402
 from util.registry import add_method_args, create_model, method_for, pretrain_models  # noqa: E402
@@ -71,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice)")
     group = parser.add_argument_group("levers (each can be flipped for an A/B run with --vs)")
     group.add_argument("--compile", default=False, type=bool_flag, help="torch.compile the model (main_pretrain.py --compile)")
-    group.add_argument("--fused_attn", default=True, type=bool_flag, help="timm's attention through F.scaled_dot_product_attention (flash/memory-efficient kernels) instead of explicit matmul-softmax-matmul")
+    group.add_argument("--fused_attn", default=True, type=bool_flag, help="timm's attention through F.scaled_dot_product_attention (flash/memory-efficient kernels) instead of explicit matmul-softmax-matmul (main_pretrain.py --fused_attn)")
     group.add_argument("--adamw", default="fused", choices=["fused", "foreach"], help="AdamW implementation: fused (training's) or foreach (torch's default)")
     group.add_argument("--grad_checkpointing", default=False, type=bool_flag, help="recompute block activations in the backward (main_pretrain.py --grad_checkpointing)")
     group.add_argument("--host_sync", default=False, type=bool_flag, help="read the loss on the host every step (loss.item(), as the official engine does)")
@@ -226,13 +226,6 @@ def device_name(device: torch.device) -> str:
 
 
 # --- the training step -------------------------------------------------------------------------------------------
-def set_fused_attn(model: nn.Module, enabled: bool) -> None:
-    """timm's Attention modules read this per instance (F.scaled_dot_product_attention or matmul-softmax-matmul)."""
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = enabled
-
-
 def build_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     """The registered model as main_pretrain.py builds it from these flags (its own size without --input_size)."""
     kwargs = method_for(args.model).model_kwargs(args)

@@ -108,7 +108,7 @@ def build_official_model(official: types.ModuleType, ours: nn.Module, args: argp
     model = official.MaskedAutoencoderViT(**config, mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6),
                                           norm_pix_loss=args.norm_pix_loss).to(ours.cls_token.device)
     model.load_state_dict(ours.state_dict())
-    benchmark.set_fused_attn(model, args.fused_attn)
+    benchmark.set_fused_attn(model, args.official_fused_attn)
     return model
 
 
@@ -169,7 +169,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", default=3, type=int)
     parser.add_argument("--mask_ratio", default=0.75, type=float)
     parser.add_argument("--norm_pix_loss", default=True, type=bool_flag)
-    parser.add_argument("--fused_attn", default=True, type=bool_flag, help="timm's fused attention, for both (both use timm's Block)")
+    parser.add_argument("--fused_attn", default=True, type=bool_flag,
+                        help="our attention through F.scaled_dot_product_attention (timm's default) or explicit matmul-softmax-matmul")
+    parser.add_argument("--official_fused_attn", default=None, type=bool_flag,
+                        help="the same for the official model (it builds timm's Block too); default --fused_attn")
     parser.add_argument("--compile", default=False, type=bool_flag, help="torch.compile our model (main_pretrain.py --compile)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice)")
@@ -179,6 +182,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = get_args_parser().parse_args(argv)
     args.official_precision = args.official_precision or args.precision
+    if args.official_fused_attn is None:
+        args.official_fused_attn = args.fused_attn
     if args.model.removeprefix("mae_") not in MAE_SIZES or not args.model.startswith("mae_"):
         raise SystemExit(f"error: --model {args.model}: the official code has plain MAE only; "
                          f"choose one of {['mae_' + s for s in MAE_SIZES]}")
@@ -206,6 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     result = {
         "model": args.model, "batch_size": args.batch_size, "input_size": size, "precision": args.precision,
         "official_precision": args.official_precision, "official_step": args.official_step, "compile": args.compile,
+        "fused_attn": args.fused_attn, "official_fused_attn": args.official_fused_attn,
         "device": benchmark.device_name(device), "steps": args.steps,
         "ours_img_per_s": round(args.batch_size / ours_s, 2), "official_img_per_s": round(args.batch_size / official_s, 2),
         "ratio": round(official_s / ours_s, 3), "median_round_ratio": round(statistics.median(round_ratios), 3),
