@@ -151,33 +151,26 @@ def test_compile_falls_back_to_eager_with_a_warning(monkeypatch):
     assert torch.isfinite(model(torch.randn(2, 3, 32, 32)).loss)
 
 
+def pretrain_one_epoch(data_path, output_dir, *flags: str) -> torch.nn.Module:
+    """main_pretrain.py's model after one epoch of the tiny model on `data_path`, with `flags` added."""
+    args = parse_with_config(main_pretrain.get_args_parser(), [
+        "--model", "mae_vit_tiny_patch4", "--data_path", str(data_path), "--input_size", "32",
+        "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--amp", "none",
+        "--vis_freq", "0", "--output_dir", str(output_dir), "--device", "cpu", *flags])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return main_pretrain.main(args)
+
+
 def test_pretraining_with_grad_checkpointing_trains_the_same_weights(tiny_imagefolder, tmp_path, shallow_models):
-    parser = main_pretrain.get_args_parser()
-    trained = []
-    for checkpointing in ("false", "true"):
-        args = parse_with_config(parser, [
-            "--model", "mae_vit_tiny_patch4", "--data_path", str(tiny_imagefolder), "--input_size", "32",
-            "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--amp", "none",
-            "--vis_freq", "0", "--output_dir", str(tmp_path / checkpointing), "--device", "cpu",
-            "--grad_checkpointing", checkpointing])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trained.append(main_pretrain.main(args).state_dict())
+    trained = [pretrain_one_epoch(tiny_imagefolder, tmp_path / checkpointing, "--grad_checkpointing", checkpointing).state_dict()
+               for checkpointing in ("false", "true")]
     for key in trained[0]:
         assert torch.equal(trained[0][key], trained[1][key]), key
 
 
 def test_pretraining_with_unfused_attention_trains_the_same_weights_up_to_rounding(tiny_imagefolder, tmp_path, shallow_models):
-    parser = main_pretrain.get_args_parser()
-    trained = {}
-    for fused in ("true", "false"):
-        args = parse_with_config(parser, [
-            "--model", "mae_vit_tiny_patch4", "--data_path", str(tiny_imagefolder), "--input_size", "32",
-            "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--amp", "none",
-            "--vis_freq", "0", "--output_dir", str(tmp_path / fused), "--device", "cpu", "--fused_attn", fused])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trained[fused] = main_pretrain.main(args)
+    trained = {fused: pretrain_one_epoch(tiny_imagefolder, tmp_path / fused, "--fused_attn", fused) for fused in ("true", "false")}
     attention = [m for m in trained["false"].modules() if hasattr(m, "fused_attn")]
     assert attention and not any(m.fused_attn for m in attention)
     assert all(m.fused_attn for m in trained["true"].modules() if hasattr(m, "fused_attn"))
