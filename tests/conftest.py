@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny labelled image folder and helpers to run the scripts as a user would."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,17 @@ def run_script(args: list[str], *, torchrun: int = 0, check: bool = True, timeou
     if torchrun:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "--master_port", str(_free_port())]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([*launcher, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    # its own session, so that a timeout kills torchrun's workers too, not just the launcher, and the output so far
+    # says where it hung
+    process = subprocess.Popen([*launcher, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{' '.join(args)} still running after {timeout} s:\n{stdout[-3000:]}\n{stderr[-6000:]}") from None
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
