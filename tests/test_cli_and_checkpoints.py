@@ -1,5 +1,8 @@
 """Flags, YAML config, checkpoints and the engine's bookkeeping."""
+import errno
+import os
 import pickle
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,7 @@ import yaml
 import main_finetune
 import main_linprobe
 import main_pretrain
-from util.checkpoint import load_checkpoint, save_atomic
+from util.checkpoint import LAST, load_checkpoint, save_atomic, save_training_state
 from util.config import parse_with_config, save_args
 from util.metrics import NonFiniteLossError, RunningTerms
 
@@ -74,6 +77,41 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     loaded = torch.load(path, weights_only=True)
     assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["args"] == state["args"]
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-last.pth"]  # no temp file left
+
+
+def _save_epochs(folder: Path, epochs: range) -> None:
+    args = Namespace(output_dir=str(folder), save_freq=2, epochs=4)
+    for epoch in epochs:
+        save_training_state(args, epoch, {"w": torch.full((2,), float(epoch))})
+
+
+def _epoch_of(path: Path) -> int:
+    state = load_checkpoint(path)
+    assert torch.equal(state["w"], torch.full((2,), float(state["epoch"])))
+    return state["epoch"]
+
+
+def test_kept_epoch_links_last_to_the_kept_file_and_later_saves_leave_the_kept_file_intact(tmp_path):
+    _save_epochs(tmp_path, range(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST] and (tmp_path / LAST).stat().st_nlink == 1
+    _save_epochs(tmp_path, range(1, 2))  # epoch 1 is kept (--save_freq 2): one file under two names
+    kept, last = tmp_path / "checkpoint-1.pth", tmp_path / LAST
+    assert kept.samefile(last) and kept.stat().st_nlink == 2 and _epoch_of(last) == 1
+    _save_epochs(tmp_path, range(2, 4))  # epoch 2 replaces last only; the final epoch 3 is kept and linked
+    assert _epoch_of(kept) == 1 and kept.stat().st_nlink == 1
+    assert _epoch_of(last) == 3 and last.samefile(tmp_path / "checkpoint-3.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1.pth", "checkpoint-3.pth", LAST]  # no temp file
+
+
+def test_without_hard_links_last_is_written_as_a_copy(tmp_path, monkeypatch):
+    def refuse(*_):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    _save_epochs(tmp_path, range(2))
+    kept, last = tmp_path / "checkpoint-1.pth", tmp_path / LAST
+    assert not kept.samefile(last) and _epoch_of(kept) == _epoch_of(last) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1.pth", LAST]
 
 
 class _RunsCode:

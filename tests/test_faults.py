@@ -76,16 +76,16 @@ def uninterrupted(tiny_imagefolder, tmp_path_factory) -> dict[str, torch.Tensor]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault,n", [("kill_at_forward", 6), ("kill_in_save", 3)])
+@pytest.mark.parametrize("fault,n", [("kill_at_forward", 6), ("kill_in_save", 2)])
 def test_kill_9_and_the_same_command_resumes_to_the_uninterrupted_weights(fault, n, uninterrupted, tiny_imagefolder, tmp_path):
-    """Forward 6 is step 1 of epoch 1, between forward and optimizer step. Save 3 is epoch 1's checkpoint-last.pth,
-    written after checkpoint-1.pth (the final epoch's kept copy), and killed half-way."""
+    """Forward 6 is step 1 of epoch 1, between forward and optimizer step. Save 2 is checkpoint-1.pth, the final
+    epoch's kept file, killed half-way; checkpoint-last.pth would have become a hard link to it."""
     killed = run_script(["tests/fault_worker.py", fault, str(n), *flags(tiny_imagefolder, tmp_path)], check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert last_checkpoint(tmp_path)["epoch"] == 0  # the last complete checkpoint, whole
-    assert len(temp_files(tmp_path)) == (fault == "kill_in_save")  # the partial write never took checkpoint-last's name
+    assert len(temp_files(tmp_path)) == (fault == "kill_in_save")  # the partial write never took a checkpoint's name
     if fault == "kill_in_save":
-        assert load_checkpoint(tmp_path / "checkpoint-1.pth")["epoch"] == 1
+        assert not (tmp_path / "checkpoint-1.pth").exists()
         assert epochs_logged(tmp_path) == [0, 1]  # epoch 1's line precedes its checkpoint: the restart drops it
     else:
         assert epochs_logged(tmp_path) == [0]
