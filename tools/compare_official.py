@@ -38,6 +38,7 @@ from timm.optim import param_groups_weight_decay
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine_pretrain import autocast_for  # noqa: E402
+from main_pretrain import set_fused_attn  # noqa: E402
 from models_mae import MAE_SIZES  # noqa: E402
 from tools import benchmark  # noqa: E402
 from util.config import bool_flag  # noqa: E402
@@ -108,7 +109,7 @@ def build_official_model(official: types.ModuleType, ours: nn.Module, args: argp
     model = official.MaskedAutoencoderViT(**config, mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6),
                                           norm_pix_loss=args.norm_pix_loss).to(ours.cls_token.device)
     model.load_state_dict(ours.state_dict())
-    benchmark.set_fused_attn(model, args.official_fused_attn)
+    set_fused_attn(model, args.official_fused_attn)
     return model
 
 
