@@ -47,3 +47,22 @@ def test_preset_parses_and_starts(preset, tiny_imagefolder, tmp_path, shallow_mo
     record = json.loads((tmp_path / "log.txt").read_text().splitlines()[-1])
     assert record["epoch"] == 0
     assert yaml.safe_load((tmp_path / "args.yaml").read_text())["model"] == values["model"]
+
+
+MI_MAE_IMAGENET = sorted(p for p in PRESETS if p.parent.name == "mi_mae" and p.name.startswith("pretrain_") and "_in1k_" in p.name)
+
+
+def test_mi_mae_imagenet_presets_follow_the_papers_recipe():
+    """'The total batch size is 1024 ... a cosine decay learning rate schedule with a 10-epoch warmup and a base
+    learning rate of 1.5e-4' (the paper), on the 8 GPUs of each preset's header command, InfoNCE tau 0.07 but for
+    the temperature ablations."""
+    assert len(MI_MAE_IMAGENET) >= 20
+    for preset in MI_MAE_IMAGENET:
+        args = parse_with_config(main_pretrain.get_args_parser(), ["--config", str(preset)])
+        assert "--nproc_per_node 8 " in preset.read_text(), preset.name
+        assert (args.batch_size * args.accum_iter * 8, args.warmup_epochs, args.blr) == (1024, 10, 1.5e-4), preset.name
+        assert (args.weight_decay, args.mask_ratio, args.norm_pix_loss) == (0.05, 0.75, True), preset.name
+        if "_tau" not in preset.name:
+            assert args.mi_temperature == 0.07, preset.name
+    taus = {p.stem.split("_tau")[1]: p for p in MI_MAE_IMAGENET if "_tau" in p.name}
+    assert set(taus) >= {"0.2"}
