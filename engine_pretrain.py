@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util.dist import get_world_size
+from util.dist import all_reduce_mean, get_world_size
 from util.lr_sched import adjust_learning_rate
 from util.metrics import NonFiniteStepSkipper, Progress, RunningTerms, accuracy
 
@@ -109,6 +109,7 @@ def train_one_epoch(
         if boundary:
             if nan_skips is None or nan_skips.allow_step():
                 optimizer_step(task, optimizer, scaler, args.clip_grad)
+                estimator_steps(task, optimizer)
             else:
                 optimizer.zero_grad(set_to_none=True)
         interval_images += imgs.shape[0]
@@ -147,6 +148,20 @@ def optimizer_step(task: nn.Module, optimizer: torch.optim.Optimizer,
             torch.nn.utils.clip_grad_norm_(task.parameters(), clip_grad)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def estimator_steps(task: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Extra updates of a model's own estimator between optimizer steps (MI-MAE's V, --v_steps): the model yields
+    each loss, which reaches only the estimator's parameters; only they then step (AdamW skips parameters without
+    gradient). Called on the model itself, outside DDP, so their gradients are averaged over ranks here."""
+    model = (task.module if isinstance(task, nn.parallel.DistributedDataParallel) else task).model
+    for loss in model.estimator_losses():
+        loss.backward()
+        for param in (p for group in optimizer.param_groups for p in group["params"]):
+            if param.grad is not None and get_world_size() > 1:
+                param.grad.copy_(all_reduce_mean(param.grad))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def check_one_batch_fits(num_samples: int, batch_size: int, world_size: int) -> None:

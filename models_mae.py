@@ -157,6 +157,10 @@ class MaskedAutoencoderViT(nn.Module):
         """AdamW groups: MAE decays all but biases and norm weights (so cls_token and mask_token are decayed)."""
         return param_groups_weight_decay(self, weight_decay)
 
+    def estimator_losses(self):
+        """Losses of extra estimator updates after each optimizer step (engine_pretrain.estimator_steps); MAE has none."""
+        return ()
+
     # --- the engine's contract ----------------------------------------------------------------------
     def forward(self, imgs: torch.Tensor, noise: Optional[torch.Tensor] = None) -> PretrainOutput:
         """imgs (B, C, H, W); noise (B, L) uniform, drawn here if None (the data loader passes it for reproducibility)."""

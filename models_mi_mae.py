@@ -12,11 +12,19 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from models_mae import MAE_SIZES, MaskedAutoencoderViT, PretrainOutput, build_mae, mae_model_kwargs
 from util.config import bool_flag
 from util.dist import gather_with_grad, get_rank
-from util.mi_losses import club_upper_bound, club_upper_bound_sampled, gaussian_log_likelihood, multi_positive_info_nce
+from util.mi_losses import (
+    club_upper_bound,
+    club_upper_bound_sampled,
+    gaussian_log_likelihood,
+    marginal_gaussian_nll,
+    multi_positive_info_nce,
+    standardize,
+)
 from util.mim import (
     check_num_masks,
     gather_tokens,
@@ -30,20 +38,25 @@ from util.registry import Method, register_method, register_model
 
 
 class GaussianVariationalNet(nn.Module):
-    """V: q_theta(z | x) = N(mu(x), diag exp(logvar(x))), two MLP heads; tanh bounds the log-variance to (-1, 1)."""
+    """V: q_theta(t | s) = N(mu(s), diag exp(logvar(s))), two MLP heads. The log-variance is
+    `logvar_bound * tanh(raw / logvar_bound)`: slope 1 at 0 and kept in (-bound, bound), so sigma^2 cannot
+    collapse to 0 on a step that overfits. bound 1 is CLUB's reference head (plain tanh)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int):
+    def __init__(self, in_dim: int, out_dim: int, hidden: int, logvar_bound: float = 1.0):
         super().__init__()
+        self.logvar_bound = logvar_bound
         self.mu = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
-        self.logvar = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim), nn.Tanh())
+        self.logvar = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mu(x), self.logvar(x)
+        return self.mu(x), self.logvar_bound * torch.tanh(self.logvar(x) / self.logvar_bound)
 
 
 class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
-    def __init__(self, num_masks: int = 4, mask_mode: str = "orthogonal", mi_temperature: float = 0.2,
+    def __init__(self, num_masks: int = 4, mask_mode: str = "orthogonal", mi_temperature: float = 0.07,
                  mi_feat: str = "mean", mi_proj: str = "mlp", nce_gather: bool = False, v_hidden: int = 512,
+                 v_logvar_bound: float = 5.0, v_lr_scale: float = 3.0, v_steps: int = 4, club_level: str = "patch",
+                 club_candidates: str = "image", club_dir: str = "z_given_x", club_standardize: bool = True,
                  club_sampled: bool = False, w_rec: float = 1.0, w_max: float = 1.0, w_min: float = 10.0,
                  w_v: float = 1.0, **kwargs):
         super().__init__(**kwargs)
@@ -53,19 +66,33 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
             check_num_masks(self.num_patches, num_masks, self.mask_ratio)
         if num_masks == 1 and w_max > 0:
             raise ValueError("--w_max > 0 needs --num_masks >= 2: with one mask an image has no positive pair")
+        if w_min > 0 and w_v == 0:
+            raise ValueError("--w_min > 0 needs --w_v > 0: the bound is only a bound with a V fitted to the latents")
         self.num_masks, self.mask_mode, self.mi_temperature = num_masks, mask_mode, mi_temperature
         self.mi_feat, self.nce_gather, self.club_sampled = mi_feat, nce_gather, club_sampled
+        self.club_level, self.club_candidates, self.club_dir = club_level, club_candidates, club_dir
+        self.club_standardize, self.v_lr_scale, self.v_steps = club_standardize, v_lr_scale, v_steps
+        self._v_pairs = None  # the last training step's detached (source, target) pairs, for --v_steps
         self.weights = {"rec": w_rec, "max_mi": w_max, "min_mi": w_min, "v_nll": w_v}
         dim = self.cls_token.shape[-1]
-        if mi_proj == "mlp":
-            self.mi_projector = nn.Sequential(nn.Linear(dim, 2048), nn.BatchNorm1d(2048), nn.ReLU(), nn.Linear(2048, 256))
-        elif mi_proj == "none":
-            self.mi_projector = nn.Identity()
-        else:
-            raise ValueError(f"--mi_proj must be mlp or none, got {mi_proj!r}")
-        self.variational = GaussianVariationalNet(self.patch_size**2 * self.in_chans, dim, v_hidden)
+        # Heads of zero-weight terms are not built: under DDP a parameter outside the graph stops the gradient
+        # reduction ("Expected to have finished reduction"), and an untrained head would log noise.
+        self.mi_projector = self.variational = None
+        if w_max > 0:
+            if mi_proj == "mlp":
+                self.mi_projector = nn.Sequential(nn.Linear(dim, 2048), nn.BatchNorm1d(2048), nn.ReLU(), nn.Linear(2048, 256))
+            elif mi_proj == "none":
+                self.mi_projector = nn.Identity()
+            else:
+                raise ValueError(f"--mi_proj must be mlp or none, got {mi_proj!r}")
+        if w_min > 0 or w_v > 0:
+            # x: a patch's norm-pix values (patch level) or the mean embedding of a mask's visible patches (mask level)
+            x_dim = self.patch_size**2 * self.in_chans if club_level == "patch" else dim
+            in_dim, out_dim = (x_dim, dim) if club_dir == "z_given_x" else (dim, x_dim)
+            self.variational = GaussianVariationalNet(in_dim, out_dim, v_hidden, v_logvar_bound)
         for module in (self.mi_projector, self.variational):
-            module.apply(self._init_module)
+            if module is not None:
+                module.apply(self._init_module)
 
     @property
     def sequences_per_image(self) -> int:
@@ -85,12 +112,16 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
         return per_mask.reshape(-1, self.num_patches)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """MAE's groups for everything but V; V trains in its own group without weight decay."""
-        v_params = set(self.variational.parameters())
+        """MAE's groups for everything but V; V trains in its own group: no weight decay, no warm-up and
+        `v_lr_scale` times the main lr, so that it tracks the moving latents (CLUB needs q near its optimum)."""
         groups = super().param_groups(weight_decay)
+        if self.variational is None:
+            return groups
+        v_params = set(self.variational.parameters())
         for group in groups:
             group["params"] = [p for p in group["params"] if p not in v_params]
-        return groups + [{"params": list(self.variational.parameters()), "weight_decay": 0.0, "name": "variational"}]
+        return groups + [{"params": list(self.variational.parameters()), "weight_decay": 0.0, "name": "variational",
+                          "lr_scale": self.v_lr_scale, "warmup": False}]
 
     def max_mi_loss(self, latent: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """InfoNCE between the pooled, projected latents of the masks; positives = the other masks of the image."""
@@ -106,6 +137,55 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
             groups, own = groups + offset // self.num_masks, own + offset
         return multi_positive_info_nce(anchors, candidates, groups, candidate_groups, own, self.mi_temperature)
 
+    def club_pairs(self, tokens: torch.Tensor, pixels: torch.Tensor, latent: torch.Tensor, masking,
+                   batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, z), each (G, M, .): M pairs per candidate group G.
+
+        patch: x_a a visible patch's norm-pix values, z_a its latent token; groups = images (M = N * n_v).
+        mask: x_j the mean embedding (patch + position, detached) of mask j's visible patches, z_j its pooled
+        latent; groups = images (M = N masks, the submission's form) or, with club_candidates batch, one group
+        of all B * N masks."""
+        if self.club_level == "patch":
+            x = gather_tokens(normalize_patches(pixels).repeat_interleave(self.num_masks, dim=0), masking.ids_keep)
+            return x.reshape(batch, -1, x.shape[-1]), latent[:, 1:].reshape(batch, -1, latent.shape[-1])
+        x = gather_tokens(tokens.detach(), masking.ids_keep).mean(dim=1)
+        z = latent[:, 1:].mean(dim=1)
+        groups = batch if self.club_candidates == "image" else 1
+        return x.reshape(groups, -1, x.shape[-1]), z.reshape(groups, -1, z.shape[-1])
+
+    def min_mi_terms(self, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CLUB's bound on I(x; z) (gradient to the encoder only, V fixed) and V's NLL (gradient to V only)."""
+        if self.club_standardize:
+            z = standardize(z)
+        source, target = (x, z) if self.club_dir == "z_given_x" else (z, x)
+        if self.training and self.v_steps > 0:
+            self._v_pairs = (source.detach().to(self.cls_token.dtype), target.detach())
+        mu, logvar = self.variational(source.detach().to(self.cls_token.dtype))
+        v_nll = -gaussian_log_likelihood(target.detach(), mu, logvar).mean()
+        terms = {"v_nll": v_nll, "v_gain": marginal_gaussian_nll(target.detach()) - v_nll.detach()}
+        if self.weights["min_mi"] > 0:
+            if self.club_dir == "z_given_x":  # V's outputs detached
+                mu, logvar = mu.detach(), logvar.detach()
+            else:  # z is V's input here: V's parameters are held fixed instead
+                frozen = {name: param.detach() for name, param in self.variational.named_parameters()}
+                mu, logvar = functional_call(self.variational, frozen, (source,))
+            bound = club_upper_bound_sampled if self.club_sampled else club_upper_bound
+            terms["min_mi"] = bound(target, mu, logvar)
+        else:  # the estimate alone, a diagnostic: V has been fitted, nothing flows back
+            with torch.no_grad():
+                terms["min_mi"] = club_upper_bound(target.detach(), mu.detach(), logvar.detach())
+        return terms
+
+    def estimator_losses(self):
+        """--v_steps extra NLL losses of V on the last training step's detached pairs (CLUB's reference trains
+        its estimator apart from the model; V then stays near its optimum while the encoder moves)."""
+        pairs, self._v_pairs = self._v_pairs, None
+        if pairs is None:
+            return
+        for _ in range(self.v_steps):
+            mu, logvar = self.variational(pairs[0])
+            yield -gaussian_log_likelihood(pairs[1], mu, logvar).mean()
+
     def forward(self, imgs: torch.Tensor, noise: Optional[torch.Tensor] = None) -> PretrainOutput:
         batch, num_masks = imgs.shape[0], self.num_masks
         masking = random_masking(self.mask_noise(self.draw_noise(imgs) if noise is None else noise), self.mask_ratio)
@@ -115,24 +195,19 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
         pred = self.decode(latent, masking.ids_restore)
         pixels = patchify(imgs, self.patch_size)
         target = normalize_patches(pixels) if self.norm_pix_loss else pixels
-        rec = masked_mse_loss(pred, target.repeat_interleave(num_masks, dim=0), masking.mask)
-
-        max_mi, nce_acc = self.max_mi_loss(latent, batch)
-
-        # CLUB on (x_a, z_a): each visible patch's normalised pixels and its latent token, grouped per image.
-        x = gather_tokens(normalize_patches(pixels).repeat_interleave(num_masks, dim=0), masking.ids_keep)
-        x = x.reshape(batch, -1, x.shape[-1])  # (B, M, P), M = N * n_v
-        z = latent[:, 1:].reshape(batch, -1, latent.shape[-1])  # (B, M, D)
-        mu, logvar = self.variational(x.to(z.dtype))
-        # V is fixed inside the bound (its outputs detached); the encoder is fixed inside V's likelihood (z detached).
-        club = (club_upper_bound_sampled if self.club_sampled else club_upper_bound)(z, mu.detach(), logvar.detach())
-        v_nll = -gaussian_log_likelihood(z.detach(), mu, logvar).mean()
-
-        losses = {"rec": rec, "max_mi": max_mi, "min_mi": club, "v_nll": v_nll}
-        loss = sum(self.weights[name] * value for name, value in losses.items() if self.weights[name] != 0)
-        terms = {name: value.detach() for name, value in losses.items()}
-        terms["nce_acc"] = nce_acc
-        terms["latent_std"] = z.detach().float().std(dim=1).mean()  # watch for over-compression
+        losses = {"rec": masked_mse_loss(pred, target.repeat_interleave(num_masks, dim=0), masking.mask)}
+        terms = {}
+        if self.mi_projector is not None:
+            losses["max_mi"], terms["nce_acc"] = self.max_mi_loss(latent, batch)
+        if self.variational is not None:
+            x, z = self.club_pairs(tokens, pixels, latent, masking, batch)
+            min_mi = self.min_mi_terms(x, z)
+            losses["v_nll"], terms["v_gain"] = min_mi["v_nll"], min_mi["v_gain"]
+            (losses if self.weights["min_mi"] > 0 else terms)["min_mi"] = min_mi["min_mi"]
+        loss = sum(self.weights[name] * value for name, value in losses.items())
+        terms = {**{name: value.detach() for name, value in losses.items()}, **terms}
+        # raw (not standardised) std of an image's latent tokens: watch for over-compression
+        terms["latent_std"] = latent[:, 1:].detach().float().reshape(batch, -1, latent.shape[-1]).std(dim=1).mean()
         features = latent[:, 0].reshape(batch, num_masks, -1).mean(dim=1)  # cls, averaged over the masks
         return PretrainOutput(loss, terms, features)
 
@@ -173,7 +248,9 @@ def add_mi_mae_args(group: argparse._ArgumentGroup) -> None:
                        help="masks per image (N); orthogonal masks need N <= 1/(1 - mask_ratio): 4 masks at 0.75 partition the image")
     group.add_argument("--mask_mode", default="orthogonal", choices=["orthogonal", "independent"],
                        help="orthogonal: one permutation split into N disjoint visible sets (reading); independent: N MAE masks (ablation)")
-    group.add_argument("--mi_temperature", default=0.2, type=float, help="InfoNCE temperature tau of the max-MI loss")
+    group.add_argument("--mi_temperature", default=0.07, type=float,
+                       help="InfoNCE temperature tau of the max-MI loss; 0.07 is the submission's (quoted by an automated "
+                            "review of the ICLR submission); 0.2 was this project's earlier reading (a preset keeps it)")
     group.add_argument("--mi_feat", default="mean", choices=["mean", "cls"],
                        help="latent of a mask for the max-MI loss: mean of its visible tokens (reading) or the cls token")
     group.add_argument("--mi_proj", default="mlp", choices=["mlp", "none"],
@@ -181,8 +258,31 @@ def add_mi_mae_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--nce_gather", default=False, type=bool_flag,
                        help="add every rank's rows as InfoNCE negatives (gather whose backward sums gradients over ranks)")
     group.add_argument("--v_hidden", default=512, type=int, help="hidden width of V's mean and log-variance MLPs")
+    group.add_argument("--v_logvar_bound", default=5.0, type=float,
+                       help="V's log sigma^2 lies in (-b, b) (b tanh(raw / b)); CLUB's reference head is b = 1, which caps V's "
+                            "NLL at -0.5 + residual and leaves the bound loose once V predicts z better than sigma^2 = e^-1")
+    group.add_argument("--v_lr_scale", default=3.0, type=float,
+                       help="V's lr = this x the main lr, with no warm-up (its own AdamW group): CLUB is a bound only for a V "
+                            "near its optimum, and at the main lr V lags the encoder, which then pushes on noise (train_v_gain ~ 0)")
+    group.add_argument("--v_steps", default=4, type=int,
+                       help="extra AdamW updates of V after each optimizer step, on that step's detached (x, z) pairs: at the main "
+                            "lr alone V lags the encoder (docs/RESULTS.md); 16 at --v_lr_scale 10 overfit each batch (train_v_gain "
+                            "< 0 on the next). V is a 2-layer MLP on the B x M pairs, small next to the ViT")
+    group.add_argument("--club_level", default="patch", choices=["patch", "mask"],
+                       help="patch: pairs (visible patch's norm-pix values, its latent token), contrasted within the image "
+                            "(this project's first reading); mask: pairs (mask j's visible input as the mean of its patch "
+                            "embeddings, mask j's pooled latent), contrasted across the N masks of the image (the submission's form)")
+    group.add_argument("--club_candidates", default="image", choices=["image", "batch"],
+                       help="with --club_level mask: the negatives of a pair are the N masks of its image (the submission) or "
+                            "all B x N masks of the batch")
+    group.add_argument("--club_dir", default="z_given_x", choices=["z_given_x", "x_given_z"],
+                       help="V models q(z|x) (V's outputs detached in the bound) or q(x|z) (V's parameters held fixed in the "
+                            "bound, z's gradient flows through V's input)")
+    group.add_argument("--club_standardize", default=True, type=bool_flag,
+                       help="standardise z per feature over the batch before CLUB and V's NLL: the bound is then scale-free, "
+                            "so the encoder cannot lower it by shrinking its latents (collapse instead of discarding information)")
     group.add_argument("--club_sampled", default=False, type=bool_flag,
-                       help="CLUB with one random partner per pair instead of the closed-form mean over all pairs of the image")
+                       help="CLUB with one random partner per pair instead of the closed-form mean over all pairs of the group")
     group.add_argument("--w_rec", default=1.0, type=float, help="weight of the reconstruction loss (lambda1 in reading A)")
     group.add_argument("--w_max", default=1.0, type=float, help="weight of the max-MI InfoNCE loss (lambda2 in reading A, lambda1 in B)")
     group.add_argument("--w_min", default=10.0, type=float,
@@ -191,8 +291,9 @@ def add_mi_mae_args(group: argparse._ArgumentGroup) -> None:
 
 
 def mi_mae_model_kwargs(args: argparse.Namespace) -> dict:
-    names = ("num_masks", "mask_mode", "mi_temperature", "mi_feat", "mi_proj", "nce_gather", "v_hidden",
-             "club_sampled", "w_rec", "w_max", "w_min", "w_v")
+    names = ("num_masks", "mask_mode", "mi_temperature", "mi_feat", "mi_proj", "nce_gather", "v_hidden", "v_logvar_bound",
+             "v_lr_scale", "v_steps", "club_level", "club_candidates", "club_dir", "club_standardize", "club_sampled",
+             "w_rec", "w_max", "w_min", "w_v")
     return {**mae_model_kwargs(args), **{name: getattr(args, name) for name in names}}
 
 
@@ -212,6 +313,15 @@ def validate_mi_mae_args(args: argparse.Namespace) -> None:
         check_num_masks((args.input_size // patch) ** 2, args.num_masks, args.mask_ratio)
     if args.num_masks == 1 and args.w_max > 0:
         raise ValueError("--w_max > 0 needs --num_masks >= 2: with one mask an image has no positive pair")
+    for flag in ("w_rec", "w_max", "w_min", "w_v", "v_lr_scale", "v_steps"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} must be non-negative, got {getattr(args, flag)}")
+    if args.w_min > 0 and args.w_v == 0:
+        raise ValueError("--w_min > 0 needs --w_v > 0: the bound is only a bound with a V fitted to the latents")
+    if args.v_logvar_bound <= 0 or args.mi_temperature <= 0:
+        raise ValueError(f"--v_logvar_bound and --mi_temperature must be positive, got {args.v_logvar_bound} and {args.mi_temperature}")
+    if args.club_level == "mask" and args.club_candidates == "image" and args.num_masks < 2:
+        raise ValueError("--club_level mask contrasts the N masks of an image: it needs --num_masks >= 2 (or --club_candidates batch)")
 
 
 register_method(Method(name="MI-MAE", prefix="mi_mae_", model_kwargs=mi_mae_model_kwargs, add_args=add_mi_mae_args,

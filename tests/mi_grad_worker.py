@@ -15,8 +15,9 @@ def fixed_batch(size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
 
 def model_gradients(images: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    # no BatchNorm in the projector: its statistics would be per rank, not per global batch
-    model = create_model("mi_mae_vit_tiny_patch4", norm_pix_loss=True, mi_proj="none", nce_gather=True)
+    # no BatchNorm in the projector and no standardised CLUB latents: their statistics are per rank, not per global batch
+    model = create_model("mi_mae_vit_tiny_patch4", norm_pix_loss=True, mi_proj="none", nce_gather=True,
+                         club_standardize=False)
     model(images, noise).loss.backward()
     return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 

@@ -1,4 +1,5 @@
 """MI-MAE: masks, InfoNCE, CLUB and gradient routing, against independent computations."""
+import argparse
 import math
 
 import pytest
@@ -6,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from models_mi_mae import GaussianVariationalNet
-from util.mi_losses import club_upper_bound, club_upper_bound_sampled, gaussian_log_likelihood, multi_positive_info_nce
+from util.mi_losses import (
+    club_upper_bound,
+    club_upper_bound_sampled,
+    gaussian_log_likelihood,
+    marginal_gaussian_nll,
+    multi_positive_info_nce,
+    standardize,
+)
 from util.mim import check_num_masks, orthogonal_mask_noise, random_masking
 from util.registry import create_model
 
@@ -128,16 +136,140 @@ def _grads(model, prefix):
     return [p.grad for n, p in model.named_parameters() if n.startswith(prefix)]
 
 
-def test_gradient_routing_between_encoder_and_v():
-    images = torch.randn(2, 3, 32, 32)
-    only_min = _model(w_rec=0.0, w_max=0.0, w_min=1.0, w_v=0.0)
-    only_min(images).loss.backward()
-    assert all(g is None for g in _grads(only_min, "variational"))  # V is fixed inside the bound
-    assert any(g is not None and g.abs().sum() > 0 for g in _grads(only_min, "blocks"))
-    only_v = _model(w_rec=0.0, w_max=0.0, w_min=0.0, w_v=1.0)
-    only_v(images).loss.backward()
-    assert all(g is None for g in _grads(only_v, "blocks") + _grads(only_v, "patch_embed"))  # latents detached
-    assert all(g is not None and g.abs().sum() > 0 for g in _grads(only_v, "variational.mu"))
+@pytest.mark.parametrize("club_dir", ["z_given_x", "x_given_z"])
+def test_gradient_routing_between_encoder_and_v(club_dir):
+    """The bound's gradient reaches the encoder (through z) and never V; V's NLL reaches V and never z."""
+    model = _model(club_dir=club_dir)
+    x, z = torch.randn(2, 16, 48), torch.randn(2, 16, 192, requires_grad=True)
+    terms = model.min_mi_terms(x, z)
+    terms["min_mi"].backward(retain_graph=True)
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.variational.parameters())
+    z.grad = None
+    terms["v_nll"].backward()
+    assert z.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.variational.mu.parameters())
+
+
+def test_zero_weight_terms_build_no_heads():
+    """A head outside the graph would stop DDP's reduction; an untrained one would log noise."""
+    control = _model(w_max=0.0, w_min=0.0, w_v=0.0)
+    assert control.mi_projector is None and control.variational is None
+    out = control(torch.randn(2, 3, 32, 32))
+    assert set(out.terms) == {"rec", "latent_std"}
+    max_only = _model(w_min=0.0, w_v=0.0)
+    assert max_only.variational is None and max_only.mi_projector is not None
+    min_only = _model(w_max=0.0)
+    assert min_only.mi_projector is None and "min_mi" in min_only(torch.randn(2, 3, 32, 32)).terms
+    estimator_only = _model(w_min=0.0)  # V trained on detached latents: the CLUB estimate is logged, not optimised
+    out = estimator_only(torch.randn(2, 3, 32, 32))
+    assert {"min_mi", "v_gain", "v_nll"} <= set(out.terms)
+    assert out.loss.item() == pytest.approx((out.terms["rec"] + out.terms["max_mi"] + out.terms["v_nll"]).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="--w_min > 0 needs --w_v > 0"):
+        _model(w_v=0.0)
+
+
+def test_v_gain_is_zero_for_a_v_that_ignores_x_and_positive_when_it_predicts():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4000, 4, generator=generator)
+    z = standardize(0.8 * x + 0.6 * torch.randn(1, 4000, 4, generator=generator))
+    blind = -gaussian_log_likelihood(z, z.mean((0, 1)).expand_as(z), z.var((0, 1), unbiased=False).log().expand_as(z)).mean()
+    assert marginal_gaussian_nll(z).item() == pytest.approx(blind.item(), abs=1e-5)
+    informed = -gaussian_log_likelihood(z, 0.8 * x, torch.full_like(z, math.log(0.36))).mean()
+    # closed form: the gain of the true conditional is I(x; z) per feature = -log(1 - 0.8^2) / 2
+    assert (marginal_gaussian_nll(z) - informed).item() == pytest.approx(-0.5 * math.log(0.36), rel=0.05)
+
+
+def test_bound_is_unchanged_when_z_is_scaled():
+    """Standardised z: the same pairs at any scale give the same V fit and the same bound, so the encoder
+    cannot lower it by shrinking its latents; without standardisation a bounded V cannot follow a small z."""
+    generator = torch.Generator().manual_seed(1)
+    x, z = _correlated(0.6, 4000, generator)
+    estimates = {}
+    for scale in (1.0, 0.05, 20.0):
+        net = _fit_v(x, standardize(scale * z))  # V refitted to the scaled latents
+        with torch.no_grad():
+            mu, logvar = net(x)
+        estimates[scale] = club_upper_bound(standardize(scale * z), mu, logvar).item()
+    assert estimates[0.05] == pytest.approx(estimates[1.0], rel=1e-3)
+    assert estimates[20.0] == pytest.approx(estimates[1.0], rel=1e-3)
+    raw = {}
+    for scale in (1.0, 0.05):  # raw z, log sigma^2 bounded to (-1, 1): shrinking z lowers the "bound"
+        net = _fit_v(x, scale * z)
+        with torch.no_grad():
+            mu, logvar = net(x)
+        raw[scale] = club_upper_bound(scale * z, mu, logvar).item()
+    assert raw[0.05] < 0.1 * raw[1.0]
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.6])
+def test_mask_level_club_on_correlated_gaussians(rho):
+    """The submission's form: groups of N = 4 (x_j, z_j) pairs, each contrasted with the N latents of its group
+    (itself included), so the estimate is (N - 1) / N of CLUB's rho^2 / (1 - rho^2), still above I(x; z)."""
+    generator = torch.Generator().manual_seed(2)
+    num_masks = 4
+    net = _fit_v(*_correlated(rho, 8000, generator))
+    x, z = _correlated(rho, 8000, generator)
+    with torch.no_grad():
+        mu, logvar = net(x)
+    grouped = [t.reshape(-1, num_masks, t.shape[-1]) for t in (z, mu, logvar)]
+    estimate = club_upper_bound(*grouped).item()
+    if rho == 0.0:
+        assert abs(estimate) < 0.02
+        return
+    closed_form, true_mi = (num_masks - 1) / num_masks * rho**2 / (1 - rho**2), -0.5 * math.log(1 - rho**2)
+    assert estimate == pytest.approx(closed_form, rel=0.15)
+    assert estimate > true_mi
+    # --club_candidates batch: one group of all rows, CLUB itself
+    assert club_upper_bound(z, mu, logvar).item() == pytest.approx(rho**2 / (1 - rho**2), rel=0.15)
+
+
+def test_mask_level_pairs_are_pooled_per_mask():
+    model = _model(club_level="mask")
+    images, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 64)
+    masking = random_masking(model.mask_noise(noise), model.mask_ratio)
+    tokens = model.embed_patches(images).repeat_interleave(4, dim=0)
+    latent = model.encode(tokens, masking.ids_keep)
+    x, z = model.club_pairs(tokens, None, latent, masking, 3)
+    assert x.shape == (3, 4, 192) and z.shape == (3, 4, 192)
+    row = 1 * 4 + 2  # image 1, mask 2
+    assert torch.allclose(x[1, 2], tokens[row, masking.ids_keep[row]].mean(0), atol=1e-6)
+    assert torch.allclose(z[1, 2], latent[row, 1:].mean(0), atol=1e-6)
+    batch_model = _model(club_level="mask", club_candidates="batch")
+    x, z = batch_model.club_pairs(tokens, None, latent, masking, 3)
+    assert x.shape == (1, 12, 192)
+    out = model(images, noise)
+    assert torch.isfinite(out.loss) and {"min_mi", "v_gain"} <= set(out.terms)
+
+
+def test_v_steps_update_only_v():
+    from engine_pretrain import PretrainTask, estimator_steps
+
+    model = _model(v_steps=3)
+    task = PretrainTask(model)
+    optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-3)
+    model(torch.randn(2, 3, 32, 32)).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    estimator_steps(task, optimizer)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
+    assert changed and all(name.startswith("variational.") for name in changed)
+    v_param = next(model.variational.parameters())
+    assert optimizer.state[v_param]["step"].item() == 4  # the main step and 3 extra ones
+    assert model._v_pairs is None and list(model.estimator_losses()) == []  # each step's pairs are used once
+
+
+def test_v_has_its_own_lr_without_warmup():
+    from util.lr_sched import adjust_learning_rate
+
+    model = _model(v_lr_scale=10.0)
+    optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1.0)
+    args = argparse.Namespace(lr=1e-3, min_lr=0.0, warmup_epochs=2, epochs=10)
+    main_lr = adjust_learning_rate(optimizer, 0.5, args)
+    v_group = next(g for g in optimizer.param_groups if g.get("name") == "variational")
+    assert main_lr == pytest.approx(1e-3 * 0.5 / 2)
+    assert v_group["lr"] == pytest.approx(10 * 1e-3 * 0.5 * (1 + math.cos(math.pi * 0.5 / 10)))
 
 
 def test_one_mask_without_mi_losses_is_mae():
@@ -159,6 +291,7 @@ def test_reconstruction_is_mae_loss_averaged_over_masks():
     per_mask = [base.forward(images, masks[:, k]).loss for k in range(4)]
     assert out.terms["rec"].item() == pytest.approx(torch.stack(per_mask).mean().item(), rel=1e-5)
     expected = out.terms["rec"] + out.terms["max_mi"] + 10 * out.terms["min_mi"] + out.terms["v_nll"]
+    assert out.terms["v_gain"].item() == pytest.approx(0.5 * (1 + math.log(1 / (1 + 1e-5))) - out.terms["v_nll"].item(), abs=1e-4)
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 

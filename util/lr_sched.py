@@ -14,8 +14,10 @@ def lr_at(epoch: float, base_lr: float, min_lr: float, warmup_epochs: float, epo
 
 
 def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args) -> float:
-    """Set every group's lr at fractional `epoch`; a group's `lr_scale` (layer decay) multiplies it."""
+    """Set every group's lr at fractional `epoch`; a group's `lr_scale` (layer decay, MI-MAE's V) multiplies it,
+    and a group with `warmup: False` skips the warm-up (its cosine starts at epoch 0). Returns the main lr."""
     lr = lr_at(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group_lr = lr if group.get("warmup", True) else lr_at(epoch, args.lr, args.min_lr, 0, args.epochs)
+        group["lr"] = group_lr * group.get("lr_scale", 1.0)
     return lr

@@ -3,6 +3,8 @@
 - `multi_positive_info_nce`: InfoNCE lower bound on I(z_k; z_k') between the latents of the masks of one image.
 - `club_upper_bound`: CLUB (Cheng et al., 2020) upper bound on I(x; z) with a Gaussian q(z|x), in closed form.
 - `gaussian_log_likelihood`: the per-pair log q(z|x) averaged over feature dimensions, V's training signal.
+- `standardize`: per-feature zero mean and unit variance over the samples, which makes CLUB scale-free.
+- `marginal_gaussian_nll`: the NLL of a per-feature Gaussian that ignores x, the no-information baseline of V.
 """
 import torch
 import torch.nn.functional as F
@@ -58,3 +60,22 @@ def club_upper_bound_sampled(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Te
     shuffled = torch.gather(z, 1, perm.unsqueeze(-1).expand_as(z))
     return (gaussian_log_likelihood(z, mu, logvar) - gaussian_log_likelihood(shuffled, mu, logvar)).mean()
 
+
+
+def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """(..., D) -> per-feature zero mean, unit (biased) variance over every leading position, in float32.
+
+    The statistics keep their gradient (as in BatchNorm), so an encoder cannot lower a bound computed on the
+    result by shrinking its latents: CLUB with a Gaussian q is otherwise not scale-invariant once log sigma^2
+    is bounded below, and scaling z down is then the cheapest way to lower it."""
+    flat = z.float().reshape(-1, z.shape[-1])
+    mean, var = flat.mean(0), flat.var(0, unbiased=False)
+    return (z.float() - mean) * torch.rsqrt(var + eps)
+
+
+def marginal_gaussian_nll(z: torch.Tensor) -> torch.Tensor:
+    """NLL (in `gaussian_log_likelihood`'s units: no 2*pi, mean over features) of a per-feature Gaussian fitted
+    to the samples of z (..., D) by maximum likelihood: mean_d [1 + log var_d] / 2. A V that uses x must score
+    below it; the difference is V's information gain (`v_gain`)."""
+    var = z.float().reshape(-1, z.shape[-1]).var(0, unbiased=False)
+    return 0.5 * (1.0 + var.clamp(min=1e-12).log()).mean()
