@@ -7,6 +7,8 @@ import torch
 
 from tools import info_plane
 
+ESTIMATED = ("i_xz", "i_xz_gaussian", "i_zz", "club_within_image", "fresh_v_gain")
+
 
 def _correlated(rho: float, n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """z = rho x + sqrt(1 - rho^2) eps per feature: I(x; z) = -dim log(1 - rho^2) / 2, CLUB = dim rho^2 / (1 - rho^2)."""
@@ -18,19 +20,25 @@ def _correlated(rho: float, n: int, dim: int, seed: int) -> tuple[torch.Tensor, 
 @pytest.mark.parametrize("rho", [0.0, 0.7])
 def test_club_with_a_fresh_v_on_correlated_gaussians(rho):
     fit, held = _correlated(rho, 6000, 3, seed=0), _correlated(rho, 3000, 3, seed=1)
-    estimate = info_plane.club_fresh_v(*fit, *held)
+    estimates = info_plane.club_fresh_v(*fit, *held, group=4)
+    true_mi = -0.5 * math.log(1 - rho**2)
     if rho == 0.0:
-        assert abs(estimate) < 0.03
+        assert all(abs(v) < 0.03 for v in estimates.values())
     else:  # per feature: CLUB's closed form, which bounds the true MI from above
-        assert estimate == pytest.approx(rho**2 / (1 - rho**2), rel=0.15)
-        assert estimate > -0.5 * math.log(1 - rho**2)
+        assert estimates["club"] == pytest.approx(rho**2 / (1 - rho**2), rel=0.15)
+        assert estimates["club"] > true_mi
+        # negatives from groups of 4 (the pair itself included): 3/4 of CLUB
+        assert estimates["club_within"] == pytest.approx(0.75 * rho**2 / (1 - rho**2), rel=0.15)
+        # the gain of a fitted Gaussian V over one that ignores x is the MI itself for Gaussians
+        assert estimates["v_gain"] == pytest.approx(true_mi, rel=0.1)
 
 
 def test_club_with_a_fresh_v_is_scale_free():
     fit, held = _correlated(0.7, 4000, 3, seed=0), _correlated(0.7, 2000, 3, seed=1)
     base = info_plane.club_fresh_v(*fit, *held)
     scaled = info_plane.club_fresh_v(fit[0], 0.01 * fit[1], held[0], 0.01 * held[1])
-    assert scaled == pytest.approx(base, rel=1e-3)
+    assert scaled["club"] == pytest.approx(base["club"], rel=1e-3)
+    assert scaled["v_gain"] == pytest.approx(base["v_gain"], rel=1e-3)
 
 
 @pytest.mark.parametrize("rho", [0.0, 0.5, 0.9])
@@ -86,6 +94,6 @@ def test_info_plane_end_to_end(tmp_path, tiny_imagefolder):
         assert [r["epoch"] for r in saved[label]] == [0, 1]
         for record in saved[label]:
             assert record["estimators"] == info_plane.ESTIMATORS
-            assert all(math.isfinite(record[k]) for k in ("i_xz", "i_xz_gaussian", "i_zz"))
+            assert all(math.isfinite(record[k]) for k in ESTIMATED)
             assert record["i_zz"] <= math.log(2) + 1e-6 and record["train_rec"] > 0
     assert (tmp_path / "plane" / "info_plane.png").stat().st_size > 10000

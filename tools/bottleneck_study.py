@@ -31,8 +31,9 @@ CONFIGS = {
     "estimator_only": ("max-MI, V fitted but unused (w_min 0)", [*PRETRAIN["mi_mae"], "--w_min", "0"]),
 }
 COLUMNS = [("train_rec", "rec"), ("test_knn_acc1", "k-NN %"), ("i_xz", "I(x;z) CLUB fresh V"),
-           ("i_xz_gaussian", "I(x;z) Gaussian"), ("i_zz", "I(z_j;z_k) InfoNCE"), ("train_min_mi", "run's CLUB"),
-           ("train_v_gain", "run's v_gain"), ("train_latent_std", "latent std")]
+           ("i_xz_gaussian", "I(x;z) Gaussian"), ("i_zz", "I(z_j;z_k) InfoNCE"),
+           ("club_within_image", "fresh V, within-image CLUB"), ("train_min_mi", "run's CLUB"),
+           ("fresh_v_gain", "fresh V's gain"), ("train_v_gain", "run's v_gain"), ("train_latent_std", "latent std")]
 
 
 def get_args_parser() -> argparse.ArgumentParser:

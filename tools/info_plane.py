@@ -13,6 +13,9 @@ orthogonal masks at ratio 0.75 for every model (MAE included, so that every run 
     every held-out token (CLUB's marginal), never the run's own V;
   - `linear_gaussian` (i_xz_gaussian): the joint-Gaussian estimate (logdet Cov z - logdet Cov(z | x)) / 2D, with
     Cov(z | x) the held-out residual covariance of a least-squares regression of z on x (closed form, no training);
+- for comparison with a run's own V, the same fresh V's CLUB with the negatives taken within each image
+  (`club_within_image`, the patch-level training bound's reading: a run's train_min_mi) and its gain over a
+  Gaussian that ignores x (`fresh_v_gain`: a run's train_v_gain);
 - I(z_j; z_k) between two masks' pooled latents of one image, in nats (whole vector): `infonce_heldout` (i_zz),
   the InfoNCE lower bound log K - CE over the K held-out images with cosine similarity of the standardised latents,
   its temperature picked on the fit images, averaged over the 12 ordered mask pairs; it cannot exceed log K.
@@ -35,11 +38,12 @@ sys.path.insert(0, str(ROOT))
 
 from util.checkpoint import load_checkpoint, load_matching_state  # noqa: E402
 from util.datasets import DATASETS, build_dataset, build_transform, subset  # noqa: E402
-from util.mi_losses import club_upper_bound, gaussian_log_likelihood  # noqa: E402
+from util.mi_losses import club_upper_bound, gaussian_log_likelihood, marginal_gaussian_nll  # noqa: E402
 from util.mim import gather_tokens, normalize_patches, orthogonal_mask_noise, patchify, random_masking  # noqa: E402
 from util.registry import add_method_args, create_model, method_for  # noqa: E402
 
-ESTIMATORS = {"i_xz": "club_fresh_v", "i_xz_gaussian": "linear_gaussian", "i_zz": "infonce_heldout"}
+ESTIMATORS = {"i_xz": "club_fresh_v", "i_xz_gaussian": "linear_gaussian", "i_zz": "infonce_heldout",
+              "club_within_image": "club_fresh_v_within_image", "fresh_v_gain": "club_fresh_v_gain"}
 NUM_MASKS, MASK_RATIO = 4, 0.75
 TEMPERATURES = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -91,14 +95,23 @@ def fit_gaussian_v(x: torch.Tensor, z: torch.Tensor, max_steps: int = 3000, batc
     return net
 
 
-def club_fresh_v(x_fit, z_fit, x_eval, z_eval, **fit_kwargs) -> float:
-    """CLUB estimate of I(x; z) in nats per feature of z: V fitted on the fit pairs, the bound on the eval pairs
-    with every eval latent as a negative. z is standardised with the fit pairs' statistics (scale-free)."""
+def club_fresh_v(x_fit, z_fit, x_eval, z_eval, group: int = 0, **fit_kwargs) -> dict[str, float]:
+    """CLUB estimates of I(x; z) in nats per feature of z, V fitted on the fit pairs and evaluated on the eval pairs,
+    z standardised with the fit pairs' statistics (scale-free):
+    - `club`: every eval latent is a negative (CLUB's marginal);
+    - `club_within`: with `group` > 0, the negatives of a pair are the `group` consecutive pairs of its image
+      (the patch-level training bound's reading, comparable with a run's train_min_mi);
+    - `v_gain`: NLL of a per-feature Gaussian fitted to the eval latents minus V's NLL (a run's train_v_gain)."""
     mean, std = z_fit.mean(0), z_fit.std(0).clamp(min=1e-6)
     net = fit_gaussian_v(x_fit, (z_fit - mean) / std, **fit_kwargs)
+    z_eval = (z_eval - mean) / std
     with torch.no_grad():
         mu, logvar = net(x_eval)
-        return club_upper_bound(((z_eval - mean) / std)[None], mu[None], logvar[None]).item()
+        result = {"club": club_upper_bound(z_eval[None], mu[None], logvar[None]).item(),
+                  "v_gain": (marginal_gaussian_nll(z_eval) + gaussian_log_likelihood(z_eval, mu, logvar).mean()).item()}
+        if group:
+            result["club_within"] = club_upper_bound(*(t.reshape(-1, group, t.shape[-1]) for t in (z_eval, mu, logvar))).item()
+    return result
 
 
 def linear_gaussian_mi(x_fit, z_fit, x_eval, z_eval, ridge: float = 1e-3) -> float:
@@ -175,8 +188,10 @@ def measure(model, images: torch.Tensor, noise: torch.Tensor, fit_images: int, s
     x, z, pooled = latents(model, images, noise)
     fit, held = slice(0, fit_images), slice(fit_images, None)
     flat = [t.reshape(-1, t.shape[-1]) for t in (x[fit], z[fit], x[held], z[held])]
-    return {"i_xz": club_fresh_v(*flat, seed=seed), "i_xz_gaussian": linear_gaussian_mi(*flat),
-            "i_zz": heldout_info_nce(pooled[fit], pooled[held])}
+    club = club_fresh_v(*flat, group=x.shape[1], seed=seed)
+    return {"i_xz": club["club"], "i_xz_gaussian": linear_gaussian_mi(*flat),
+            "i_zz": heldout_info_nce(pooled[fit], pooled[held]),
+            "club_within_image": club["club_within"], "fresh_v_gain": club["v_gain"]}
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
