@@ -13,9 +13,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from engine_pretrain import resolve_amp
 from util.config import parse_with_config
-from util.datasets import SeededDataset, build_dataset, build_transform, subset
+from util.datasets import SeededDataset, build_dataset, build_transform
 from util.dist import cleanup, init_distributed
-from util.downstream import add_common_args, build_vit, fit, validate_common_args
+from util.downstream import add_common_args, build_vit, fit, training_images, validate_common_args
 from util.lr_decay import param_groups_lrd
 from util.run import make_loader, prepare_output_dir, resolve_device, seed_everything, set_effective_lr
 
@@ -60,7 +60,7 @@ def main(args) -> None:
 
     try:
         train_set = build_dataset(args.dataset, args.data_path, "train", build_transform(True, args.input_size, "finetune", args))
-        train_set = subset(train_set, args.subset_size, args.seed)
+        train_set = training_images(train_set, args, info.world_size)
         val_set = build_dataset(args.dataset, args.data_path, "val", build_transform(False, args.input_size, "finetune", args))
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err

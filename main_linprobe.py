@@ -17,9 +17,9 @@ from torch.utils.data import TensorDataset
 
 from engine_pretrain import autocast_for, resolve_amp
 from util.config import bool_flag, parse_with_config
-from util.datasets import SeededDataset, build_dataset, build_transform, subset
+from util.datasets import SeededDataset, build_dataset, build_transform
 from util.dist import cleanup, init_distributed
-from util.downstream import add_common_args, build_vit, fit, validate_common_args
+from util.downstream import add_common_args, build_vit, fit, training_images, validate_common_args
 from util.run import make_loader, prepare_output_dir, resolve_device, seed_everything, set_effective_lr
 
 
@@ -65,7 +65,7 @@ def main(args) -> None:
     kind = "finetune" if args.cached_features else "linprobe"  # cached: features of un-augmented images
     try:
         train_set = build_dataset(args.dataset, args.data_path, "train", build_transform(not args.cached_features, args.input_size, kind))
-        train_set = subset(train_set, args.subset_size, args.seed)
+        train_set = training_images(train_set, args, info.world_size)
         val_set = build_dataset(args.dataset, args.data_path, "val", build_transform(False, args.input_size, "linprobe"))
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err

@@ -66,3 +66,32 @@ def test_mi_mae_imagenet_presets_follow_the_papers_recipe():
             assert args.mi_temperature == 0.07, preset.name
     taus = {p.stem.split("_tau")[1]: p for p in MI_MAE_IMAGENET if "_tau" in p.name}
     assert set(taus) >= {"0.2"}
+
+
+FMNIST_ROWS = sorted(p for p in PRESETS if p.parent.name == "mi_mae" and p.name.startswith("pretrain_vit_tiny_fmnist"))
+
+
+def test_fashion_mnist_ablation_rows_keep_the_demo_budget_and_change_one_thing():
+    """Issue 16's ablation rows at the demo's budget (tools/demo.py): every row is the main row but for the flags
+    its ablation varies, and each has its ImageNet twin."""
+    from tools.demo import PRETRAIN
+
+    demo_flags = PRETRAIN["mi_mae"] + ["--norm_pix_loss", "--mask_ratio", "0.75", "--input_size", "32", "--epochs", "3",
+                                       "--warmup_epochs", "1", "--dataset", "fashion_mnist"]
+    demo = parse_with_config(main_pretrain.get_args_parser(), demo_flags)
+    varied = {"": {}, "mae_n1": {"num_masks": 1, "w_max": 0.0, "w_min": 0.0, "w_v": 0.0}, "n2": {"num_masks": 2},
+              "n3": {"num_masks": 3}, "mae4": {"w_max": 0.0, "w_min": 0.0, "w_v": 0.0},
+              "max_only": {"w_min": 0.0, "w_v": 0.0}, "min_only": {"w_max": 0.0}, "w_min0": {"w_min": 0.0},
+              "w_min1": {"w_min": 1.0}, "w_min100": {"w_min": 100.0}, "independent": {"mask_mode": "independent"},
+              "tau0.2": {"mi_temperature": 0.2}, "club_mask": {"club_level": "mask"},
+              "reading_b": {"w_min": 1.0, "w_v": 10.0}}
+    rows = {p.stem.removeprefix("pretrain_vit_tiny_fmnist").removeprefix("_"): p for p in FMNIST_ROWS}
+    assert set(rows) == set(varied)
+    compared = [a.dest for a in main_pretrain.get_args_parser()._actions
+                if a.dest not in ("help", "config", "data_path", "reference")]
+    for name, preset in rows.items():
+        args = parse_with_config(main_pretrain.get_args_parser(), ["--config", str(preset)])
+        differs = {key: getattr(args, key) for key in compared if getattr(args, key) != getattr(demo, key)}
+        assert differs == varied[name], name
+        if name:
+            assert (preset.parent / f"pretrain_vit_base_in1k_400ep_{name}.yaml").is_file(), name

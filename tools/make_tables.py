@@ -5,8 +5,10 @@
 Every folder under the roots holding `args.yaml` and `log.txt` is a run. Its protocol comes from its script:
   - a pre-training run (main_pretrain.py) gives "k-NN" when it logged `test_knn_acc1` (--knn_freq);
   - a linear-probe run (main_linprobe.py) gives "linear probe", a fine-tuning run "fine-tune": the `test_acc1`
-    of their last epoch. Their method, model, epochs and budget are those of the pre-training run whose
-    checkpoint `--finetune` names (its folder's args.yaml and log.txt); `--finetune ''` is "random init".
+    of their last epoch; with --label_fraction F < 1, "linear probe, label fraction F" / "fine-tune, label
+    fraction F" (FT1%: F = 0.01), kept apart from the runs on every label. Their method, model, epochs and
+    budget are those of the pre-training run whose checkpoint `--finetune` names (its folder's args.yaml and
+    log.txt); `--finetune ''` is "random init".
 Runs are grouped by dataset, protocol, method (the registry's label: e.g. MI-MAE with its MI losses off is
 "MAE x 4 (no MI)"), pre-training model and epochs; each group gives mean ± sample std over its seeds. The
 published number is the `reference` of the preset the runs were started from (configs/*/*.yaml), with the
@@ -61,10 +63,13 @@ def read_run(folder: Path) -> tuple[dict, list[dict]]:
 def protocol_of(args: dict) -> str:
     """The script that wrote `args`: only main_linprobe.py has --cached_features, only main_finetune.py
     --layer_decay, only main_pretrain.py --mask_ratio."""
+    # a run on a fraction of the labels (FT1%: --label_fraction 0.01) is its own column, never pooled with the full one
+    fraction = float(args.get("label_fraction", 1.0))
+    labels = f", label fraction {fraction:g}" if fraction < 1.0 else ""
     if "cached_features" in args:
-        return "linear probe"
+        return "linear probe" + labels
     if "layer_decay" in args:
-        return "fine-tune"
+        return "fine-tune" + labels
     if "mask_ratio" in args:
         return "k-NN"
     raise ValueError("args.yaml is from none of main_pretrain.py, main_linprobe.py, main_finetune.py")

@@ -10,10 +10,12 @@ Every dataset hands its transform an RGB PIL image (grayscale repeated to 3 chan
 (0 when unlabelled).
 """
 import gzip
+import math
 import random
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +255,69 @@ def subset(dataset: Dataset, size: int, seed: int) -> Dataset:
     chosen = torch.utils.data.Subset(dataset, indices.tolist())
     chosen.num_classes = dataset.num_classes
     return chosen
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """The integer label of every sample (N,), in index order, without decoding an image where the dataset
+    keeps its labels (ImageFolder, CIFAR, Fashion-MNIST, Tiny-ImageNet, unlabelled folders, Subset and wrappers
+    of these); any other dataset is read sample by sample."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return dataset_labels(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    if isinstance(dataset, ArrayImageDataset):
+        return np.asarray(dataset.labels, dtype=np.int64)
+    if isinstance(dataset, UnlabeledImageFolder):
+        return np.full(len(dataset), -1, dtype=np.int64)
+    if isinstance(dataset, LabelledImageFiles):
+        return np.array([label for _, label in dataset.samples], dtype=np.int64)
+    if isinstance(getattr(dataset, "targets", None), (list, np.ndarray, torch.Tensor)):  # ImageFolder, CIFAR
+        return np.asarray(dataset.targets, dtype=np.int64)
+    if isinstance(dataset, (SeededDataset, SkipBadImages)):
+        return dataset_labels(dataset.dataset)
+    return np.array([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+
+
+def images_per_class(fraction: float, count: int) -> int:
+    """round(fraction x count), halves rounded up, computed on the decimal value of `fraction` as written
+    (0.15 x 10 = 1.5 keeps 2, where float arithmetic gives 1.4999... and Python's round() rounds 2.5 to 2)."""
+    exact = Fraction(repr(float(fraction))) * count
+    return int(math.floor(exact + Fraction(1, 2)))
+
+
+def class_balanced_subset(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    """The same `fraction` of every class: round(fraction x n_c) images (halves up, `images_per_class`) of each
+    class c with n_c > 0 images, the first ones of a random order of that class's images drawn from
+    (seed, c) alone. The choice thus depends only on the labels, the fraction and the seed (never on a model or
+    a transform), and for one seed a smaller fraction's images are part of a larger one's. Samples keep the
+    dataset's order. Raises ValueError, naming the class, when a class would keep no image, and when the
+    dataset has no labels."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"--label_fraction must lie in (0, 1], got {fraction}")
+    labels = dataset_labels(dataset)
+    if labels.size == 0 or (labels < 0).all():
+        raise ValueError(f"--label_fraction {fraction} selects images per class, but the training set has no labels "
+                         f"(no class folders)")
+    names = getattr(dataset, "classes", None)
+    classes, counts = np.unique(labels[labels >= 0], return_counts=True)
+    empty = [(count, label) for label, count in zip(classes, counts) if images_per_class(fraction, count) == 0]
+    if empty:
+        count, label = min(empty)  # the smallest class: the one a larger fraction must serve
+        name = f" ({names[label]!r})" if names is not None and label < len(names) else ""
+        others = {1: ""}.get(len(empty), f" (and {len(empty) - 1} other class{'es' if len(empty) > 2 else ''})")
+        raise ValueError(
+            f"--label_fraction {fraction} keeps round({fraction} x {count}) = 0 images of class {label}{name}{others}, "
+            f"which has {count} training images; every class needs at least one: use --label_fraction >= "
+            f"{math.ceil(0.5 / count * 1e6) / 1e6:g} (0.5 / {count}, for the smallest class), or more data")
+    chosen = []
+    for label in classes:
+        members = np.flatnonzero(labels == label)
+        order = np.random.default_rng(np.random.SeedSequence([seed, int(label)])).permutation(len(members))
+        chosen.append(members[order[:images_per_class(fraction, len(members))]])
+    indices = np.sort(np.concatenate(chosen))
+    subset_ = torch.utils.data.Subset(dataset, indices.tolist())
+    subset_.num_classes = getattr(dataset, "num_classes", 0)
+    if names is not None:
+        subset_.classes = names
+    return subset_
 
 
 class SkipBadImages(Dataset):

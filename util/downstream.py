@@ -1,12 +1,15 @@
 """What fine-tuning and linear probing share: flags, building the ViT from a pre-training checkpoint, and
 the epoch loop with evaluation, checkpoints and log lines."""
 import argparse
+import hashlib
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.data import Dataset
 from torch.utils.tensorboard import SummaryWriter
 
 from engine_finetune import evaluate, train_one_epoch
@@ -14,7 +17,7 @@ from engine_pretrain import AMP_CHOICES, AMP_HELP
 from models_vit import load_pretrained_encoder
 from util.checkpoint import find_resume_checkpoint, load_checkpoint, model_state_from, save_training_state
 from util.config import args_to_dict, bool_flag, git_sha
-from util.datasets import DATASETS
+from util.datasets import DATASETS, class_balanced_subset, dataset_labels, subset
 from util.dist import DistInfo, is_main_process
 from util.registry import create_model, list_models
 from util.run import append_log, default_workers, seed_everything, truncate_log
@@ -49,6 +52,14 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     group.add_argument("--data_path", default="", help="dataset folder (train/ and val/ or test/ class folders for imagefolder)")
     group.add_argument("--nb_classes", default=None, type=int, help="classes of the head; default: read from the dataset")
     group.add_argument("--subset_size", default=0, type=int, help="train on a fixed random subset of this many images (0: all)")
+    group.add_argument("--label_fraction", default=1.0, type=float,
+                       help="train on a class-balanced fraction F in (0, 1] of the labelled training images: "
+                            "round(F x n_c) of each class's n_c images (halves rounded up), chosen from the labels and "
+                            "--seed alone, so every method, model and script of a seed gets the same images (the "
+                            "fingerprint printed at start shows it). FT1%% (MI-MAE's Table 1, the low-shot column) is "
+                            "main_finetune.py --label_fraction 0.01; the same with main_linprobe.py probes on 1%% of "
+                            "the labels. A class that would keep no image is an error. Not with --subset_size: both "
+                            "choose the training images")
     group.add_argument("--num_workers", default=default_workers(), type=int, help="data-loading processes per GPU/process")
     group.add_argument("--pin_mem", default=True, type=bool_flag, help="pin host memory for faster GPU copies")
 
@@ -74,6 +85,35 @@ def validate_common_args(args, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--finetune: no such file: {args.finetune}")
     if args.resume and not Path(args.resume).is_file():
         parser.error(f"--resume: no such file: {args.resume}")
+    if not 0.0 < args.label_fraction <= 1.0:
+        parser.error(f"--label_fraction must lie in (0, 1] (1: every training image), got {args.label_fraction}")
+    if args.label_fraction < 1.0 and args.subset_size > 0:
+        parser.error(f"--label_fraction {args.label_fraction} and --subset_size {args.subset_size} both choose the "
+                     f"training images; set one (--label_fraction alone takes its fraction of every class of the "
+                     f"whole training split)")
+
+
+def training_images(train_set: Dataset, args, world_size: int) -> Dataset:
+    """The training images that --subset_size or --label_fraction select (all by default), with a console line
+    saying how many and, for --label_fraction, per class and a fingerprint of the chosen indices (equal
+    fingerprints: the same images). Raises ValueError for a class left empty, or too few images for one batch."""
+    if args.label_fraction < 1.0 and args.subset_size > 0:  # validate_common_args says so first from the CLI
+        raise ValueError(f"--label_fraction {args.label_fraction} and --subset_size {args.subset_size} both choose "
+                         f"the training images; set one")
+    if args.label_fraction >= 1.0:
+        return subset(train_set, args.subset_size, args.seed)
+    chosen = class_balanced_subset(train_set, args.label_fraction, args.seed)
+    counts = np.bincount(dataset_labels(chosen))
+    counts = counts[counts > 0]
+    fingerprint = hashlib.sha1(",".join(map(str, chosen.indices)).encode()).hexdigest()[:12]
+    per_class = f"{counts[0]}" if counts.min() == counts.max() else f"{counts.min()} to {counts.max()}"
+    print(f"--label_fraction {args.label_fraction}: training on {len(chosen)} of {len(train_set)} images, {per_class} "
+          f"per class of {len(counts)} (seed {args.seed}, subset fingerprint {fingerprint})")
+    if len(chosen) < args.batch_size * world_size:
+        raise ValueError(f"--label_fraction {args.label_fraction} keeps {len(chosen)} training images, fewer than one "
+                         f"batch of --batch_size {args.batch_size} x {world_size} processes; the last partial batch is "
+                         f"dropped, so no step would run: lower --batch_size")
+    return chosen
 
 
 def build_vit(args, num_classes: int, **kwargs) -> nn.Module:
@@ -121,8 +161,8 @@ def fit(args, info: DistInfo, device: torch.device, model: nn.Module, optimizer:
         test_stats = evaluate(model, val_loader, device, args.amp)
         best_acc1 = max(best_acc1, test_stats["acc1"])
         print(f"accuracy of the network on the val images: {test_stats['acc1']:.2f}% (best {best_acc1:.2f}%)")
-        record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                  **{f"test_{k}": v for k, v in test_stats.items()}}
+        record = {"epoch": epoch, "train_images": len(train_loader.dataset),  # the images trained on, all ranks
+                  **{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in test_stats.items()}}
         if log_writer is not None:
             for name in ("acc1", "acc5", "loss"):
                 log_writer.add_scalar(f"perf/test_{name}", test_stats[name], epoch)
