@@ -47,21 +47,30 @@ def run_script(args: list[str], *, torchrun: int = 0, check: bool = True, timeou
     launcher = [sys.executable]
     if torchrun:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "--master_port", str(_free_port())]
+    result = finish_script(start_script([*launcher, *args]), timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def start_script(command: list[str]) -> subprocess.Popen:
+    """Start `command` in the repository on the CPU, one thread, in its own session (so that a timeout kills
+    torchrun's workers too, not just the launcher)."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    # its own session, so that a timeout kills torchrun's workers too, not just the launcher, and the output so far
-    # says where it hung
-    process = subprocess.Popen([*launcher, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish_script(process: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """Wait for a started script; past `timeout` it is killed and the output so far says where it hung."""
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        raise AssertionError(f"{' '.join(args)} still running after {timeout} s:\n{stdout[-3000:]}\n{stderr[-6000:]}") from None
-    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
+        command = " ".join(map(str, process.args))
+        raise AssertionError(f"{command} still running after {timeout} s:\n{stdout[-3000:]}\n{stderr[-6000:]}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def _free_port() -> int:

@@ -1,9 +1,12 @@
-"""The submitit launchers: flags and rendezvous, a run on the local executor, and jobs on a real one-node SLURM
-cluster (tests/slurm_cluster.sh): a 2-task gloo job, and a job pre-empted mid-run that is requeued and resumes.
+"""The submitit launchers: flags and rendezvous, a run on the local executor, requests checked against sinfo
+(a fake sinfo and sbatch on PATH, then the real cluster), and jobs on a real one-node SLURM cluster
+(tests/slurm_cluster.sh): a 2-task gloo job, a job pre-empted mid-run that is requeued and resumes, requests no
+node can meet refused before submission, and a default CPU submission that runs.
 
 The local run is the reference: a 1-process CPU run with a fixed seed, which any resumed run equals bit for bit.
 """
 import json
+import os
 import re
 import subprocess
 import time
@@ -19,7 +22,18 @@ from conftest import ROOT, run_script
 import main_finetune
 import main_linprobe
 import main_pretrain
-from util.submit import add_launcher_args, launch, make_executor, split_args, torchrun_env
+from util.submit import (
+    Node,
+    Request,
+    add_launcher_args,
+    check_request,
+    gpu_count,
+    launch,
+    make_executor,
+    parse_sinfo,
+    split_args,
+    torchrun_env,
+)
 
 EPOCHS = 4
 
@@ -193,3 +207,157 @@ def test_preempted_job_is_requeued_and_resumes(slurm_cluster, local_run, tiny_im
     assert ours.keys() == reference.keys()
     for key, value in reference.items():
         assert torch.equal(ours[key], value), f"{key} differs"
+
+
+# ---------------------------------------------------------------- requests against sinfo, with a fake cluster
+
+# what `sinfo -h -N -o "%P|%N|%c|%m|%G"` prints for a cluster of two 8-GPU nodes and two CPU nodes; the GPU
+# nodes are also in a debug partition
+SINFO = """gpu*|gpu01|96|512000|gpu:a100:8(S:0-1)
+gpu*|gpu02|96|512000|gpu:a100:8(S:0-1)
+cpu|cpu01|32|128000|(null)
+cpu|cpu02|64|256000|(null)
+debug|gpu01|96|512000|gpu:a100:8(S:0-1)
+"""
+
+
+def test_sinfo_lines_and_gres_are_read():
+    nodes = parse_sinfo(SINFO + "garbage line\n")
+    assert nodes[0] == Node(partition="gpu", default=True, name="gpu01", cpus=96, memory_mb=512000, gpus=8)
+    assert nodes[3] == Node(partition="cpu", default=False, name="cpu02", cpus=64, memory_mb=256000, gpus=0)
+    assert len(nodes) == 5
+    assert [gpu_count(g) for g in ("gpu:8", "gpu:tesla:2(S:0,1)", "gpu:2,mps:200", "mps:100", "(null)", "gpu")] == [8, 2, 2, 0, 0, 1]
+
+
+@pytest.mark.parametrize("request_, cpu_flag, message", [
+    (Request("", 2, 8, 12, 8, 320), "--cpus_per_task", None),  # fits the default partition (gpu)
+    (Request("cpu", 1, 1, 64, 0, 0), "--cpus_per_task", None),  # the larger CPU node
+    (Request("cpu", 1, 1, 65, 0, 0), "--cpus_per_task",
+     r"--cpus_per_task: the job asks for --cpus_per_task 65 x 1 task\(s\) per node = 65 CPUs, and the nodes of "
+     r"partition 'cpu' have at most 64: use --cpus_per_task 64 or less"),
+    (Request("cpu", 1, 4, 17, 0, 0), "--num_workers",
+     r"--num_workers: the job asks for --num_workers 16 \+ 1 = 17 CPUs per task x 4 task\(s\) per node = 68 CPUs, .* "
+     r"use --num_workers 15 or less"),
+    (Request("cpu", 1, 1, 4, 1, 0), "--num_workers",
+     r"the nodes of partition 'cpu' have no GPUs, and the job asks for 1 per node: add --device cpu \(CPU processes, "
+     r"gloo, no GPU requested\), or a partition with GPUs \(--partition debug / gpu\)"),
+    (Request("", 1, 16, 1, 16, 0), "--num_workers", r"--ngpus 16: the nodes of partition 'gpu' have at most 8 GPUs; use --ngpus 8 and more --nodes"),
+    (Request("", 1, 8, 10, 8, 640), "--num_workers",
+     r"--mem_per_gpu: the job asks for 640 GB per node .* at most 500 GB: use --mem_per_gpu 62 or less"),
+    (Request("big", 1, 1, 1, 0, 0), "--num_workers", r"--partition big: no such partition; sinfo lists cpu, debug, gpu"),
+    (Request("", 3, 8, 10, 8, 0), "--num_workers", r"--nodes 3: partition 'gpu' has 2 node\(s\)"),
+])
+def test_requests_are_compared_with_the_partitions_nodes(request_, cpu_flag, message):
+    problem = check_request(request_, parse_sinfo(SINFO), cpu_flag)
+    if message is None:
+        assert problem is None
+    else:
+        assert problem is not None and re.fullmatch(message, problem), problem
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch) -> Path:
+    """First on PATH: `sinfo` printing SINFO, an `sbatch` that refuses every job as a cluster without that gres
+    would (and records that it ran), and an `srun` for submitit to find."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sinfo").write_text(f"#!/bin/sh\ncat <<'EOF'\n{SINFO}EOF\n")
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {tmp_path}/sbatch_ran\n"
+                                   "echo 'sbatch: error: Invalid generic resource (gres) specification' >&2\nexit 1\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for tool in ("sinfo", "sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return tmp_path
+
+
+def fake_flags(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", "mae_vit_tiny_patch4", "--input_size", "32", "--data_path", str(data), "--output_dir", str(out), *extra]
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--partition", "cpu", "--device", "cpu", "--cpus_per_task", "65"], "--cpus_per_task 65"),
+    (["--partition", "cpu", "--device", "cpu", "--num_workers", "64"], "--num_workers 64 + 1 = 65 CPUs"),
+    (["--partition", "cpu"], "add --device cpu"),
+    (["--ngpus", "8", "--mem_per_gpu", "80"], "--mem_per_gpu"),
+])
+def test_unmeetable_request_fails_before_sbatch(fake_slurm, tiny_imagefolder, extra, flag, capsys):
+    with pytest.raises(SystemExit, match=re.escape(flag)) as failure:
+        submit(fake_flags(tiny_imagefolder, fake_slurm / "out", *extra))
+    assert str(failure.value).startswith("error: the job can never start: ") and "nothing was submitted" in str(failure.value)
+    assert not (fake_slurm / "sbatch_ran").exists()
+
+
+def test_default_workers_fit_the_node_and_sbatch_refusal_is_one_line(fake_slurm, tiny_imagefolder, monkeypatch, capsys):
+    """A CPU job without --num_workers on partition cpu (nodes of 32 and 64 CPUs): the default (this machine's
+    CPUs, here made 80) becomes 63, so 64 CPUs per task; sbatch then refuses, and that is one line naming sbatch's
+    reason."""
+    def parser_on_an_80_cpu_machine():
+        parser = main_pretrain.get_args_parser()
+        parser.set_defaults(num_workers=80)
+        return parser
+
+    seen = {}
+
+    def fake_executor(launcher, args, name):
+        seen["sbatch"] = make_executor(launcher, args, name)._executor._make_submission_file_text("command", "0")
+        seen["num_workers"] = args.num_workers
+        return make_executor(launcher, args, name)
+
+    monkeypatch.setattr("util.submit.make_executor", fake_executor)
+    with pytest.raises(SystemExit) as failure:
+        launch(parser_on_an_80_cpu_machine, main_pretrain.validate_args, main_pretrain.main, "mim_test",
+               fake_flags(tiny_imagefolder, fake_slurm / "out", "--partition", "cpu", "--device", "cpu"))
+    assert seen["num_workers"] == 63 and "#SBATCH --cpus-per-task=64\n" in seen["sbatch"]
+    assert str(failure.value) == "error: sbatch refused the job: sbatch: error: Invalid generic resource (gres) specification"
+    captured = capsys.readouterr()
+    assert "--num_workers 63: the default 80 would ask for 81 CPUs per task" in captured.out
+    assert "Traceback" not in captured.err and "Invalid generic resource" not in captured.err
+    assert (fake_slurm / "sbatch_ran").exists()
+
+
+def test_an_explicit_num_workers_is_never_changed(fake_slurm, tiny_imagefolder):
+    with pytest.raises(SystemExit, match=r"--num_workers 64 \+ 1 = 65 CPUs per task"):
+        submit(fake_flags(tiny_imagefolder, fake_slurm / "out", "--partition", "cpu", "--device", "cpu", "--num_workers=64"))
+
+
+# ---------------------------------------------------------------- requests against the real one-node cluster
+
+
+def node_cpus() -> int:
+    return int(subprocess.run(["sinfo", "-h", "-N", "-o", "%c"], capture_output=True, text=True, check=True).stdout.split()[0])
+
+
+def queued_jobs() -> list[str]:
+    return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout.split()
+
+
+@pytest.mark.slurm
+def test_cluster_refuses_unmeetable_cpu_request_before_submission(slurm_cluster, tiny_imagefolder, tmp_path):
+    cpus, before = node_cpus(), queued_jobs()
+    with pytest.raises(SystemExit, match=rf"--cpus_per_task: .* have at most {cpus}: use --cpus_per_task {cpus} or less"):
+        submit(pretrain_flags(tiny_imagefolder, tmp_path, "--cpus_per_task", str(cpus + 1)))
+    with pytest.raises(SystemExit, match=rf"--num_workers: the job asks for --num_workers {cpus} \+ 1"):
+        submit(pretrain_flags(tiny_imagefolder, tmp_path, "--num_workers", str(cpus)))
+    assert queued_jobs() == before and not (tmp_path / "submitit").exists()
+
+
+@pytest.mark.slurm
+def test_cluster_refuses_gpu_request_on_gpu_less_partition(slurm_cluster, tiny_imagefolder, tmp_path):
+    before = queued_jobs()
+    with pytest.raises(SystemExit, match=r"the nodes of partition 'debug' have no GPUs, .*: add --device cpu"):
+        submit(pretrain_flags(tiny_imagefolder, tmp_path, "--device", "cuda"))
+    assert queued_jobs() == before and not (tmp_path / "submitit").exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_cluster_runs_default_cpu_submission(slurm_cluster, tiny_imagefolder, tmp_path):
+    """--device cpu and no --num_workers: the workers fit the node, so the job starts and completes."""
+    flags = pretrain_flags(tiny_imagefolder, tmp_path, "--epochs", "1")
+    at = flags.index("--num_workers")
+    del flags[at:at + 2]
+    job = submit(flags)
+    wait_for_completion(job)
+    assert read_epochs(tmp_path) == [0]
+    assert int(job_info(job.job_id)["NumCPUs"]) <= node_cpus()

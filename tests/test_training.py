@@ -1,11 +1,16 @@
-"""End-to-end runs of the scripts on a tiny image folder: resume, accumulation, torchrun, fine-tune, probe."""
+"""End-to-end runs of the scripts on a tiny image folder: resume, accumulation, torchrun (one node and two), fine-tune,
+probe."""
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import _free_port, finish_script, run_script, start_script
+from PIL import Image
+
+from util.visualize import PADDING
 
 
 def pretrain_flags(data: Path, out: Path, **overrides) -> list[str]:
@@ -48,6 +53,8 @@ def test_outputs_of_a_run(straight_run):
     # the total is the reconstruction plus the probe's cross-entropy (the probe sees detached features)
     assert log[1]["train_loss"] == pytest.approx(log[1]["train_rec"] + log[1]["train_probe_ce"], rel=1e-5)
     assert [p.name for p in straight_run.glob("reconstruction-*.png")] == ["reconstruction-0001.png"]
+    with Image.open(straight_run / "reconstruction-0001.png") as picture:  # 3 rows of 8 tiles of 32 px shown at 96, labelled
+        assert picture.height == 3 * (96 + PADDING) + PADDING and picture.width > 8 * (96 + PADDING) + 50
     assert (straight_run / "checkpoint-last.pth").is_file() and (straight_run / "checkpoint-0.pth").is_file()
     assert list(straight_run.glob("events.out.tfevents.*"))
     checkpoint = torch.load(straight_run / "checkpoint-last.pth", map_location="cpu", weights_only=True)
@@ -85,6 +92,29 @@ def test_torchrun_two_gloo_ranks_match_one_process(straight_run, tiny_imagefolde
     single = weights(straight_run / "checkpoint-last.pth")
     assert_same_weights(rank0, single, atol=2e-5)
     for ours, reference in zip(read_log(tmp_path), read_log(straight_run)):
+        assert ours["train_rec"] == pytest.approx(reference["train_rec"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_form_one_group_and_match_one_process(straight_run, tiny_imagefolder, tmp_path):
+    """Two torchrun launchers on this machine as the two nodes of one job (--nnodes 2, one process each) meet at
+    a c10d rendezvous on 127.0.0.1: ranks 0 and 1 of one group of 2, which at batch 4 each train as 1 process at 8."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    launchers = [start_script([
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "two_nodes", "--local_addr", "127.0.0.1",
+        # node 0 hosts the rendezvous store, node 1 joins it (both would otherwise race to bind the port)
+        "--rdzv_conf", f"is_host={int(node == 0)}",
+        "tests/pretrain_worker.py", *pretrain_flags(tiny_imagefolder, tmp_path, batch_size=4)]) for node in (0, 1)]
+    results = [finish_script(launcher, timeout=300) for launcher in launchers]
+    for node, result in enumerate(results):
+        assert result.returncode == 0, f"node {node} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    # the world is 2 (effective batch 4 x 2) and each node ran one of its two ranks
+    assert "effective batch: 8" in results[0].stdout + results[1].stdout
+    rank0, rank1 = weights(tmp_path / "rank0.pt"), weights(tmp_path / "rank1.pt")
+    assert_same_weights(rank0, rank1)
+    assert_same_weights(rank0, weights(straight_run / "checkpoint-last.pth"), atol=2e-5)
+    for ours, reference in zip(read_log(tmp_path), read_log(straight_run), strict=True):
         assert ours["train_rec"] == pytest.approx(reference["train_rec"], rel=1e-5)
 
 

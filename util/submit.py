@@ -6,21 +6,36 @@ Every task of the job runs `Trainer`, which turns submitit's job environment int
 `util.dist.init_distributed` sets the process group up exactly as under torchrun. On pre-emption or timeout
 submitit calls `Trainer.checkpoint`, requeues the job, and the requeued job resumes from
 `output_dir/checkpoint-last.pth` (the main scripts' auto-resume).
+
+Before `sbatch`, when `sinfo` answers, the request is compared with what the partition's nodes have (CPUs per
+task, GPUs and memory per node, the partition itself): one that no node can ever meet fails at once, naming the
+flag to change, instead of waiting in the queue forever. Where neither `--num_workers` nor `--cpus_per_task` is
+given, the data-loading workers are fitted to the node (the default counts this machine's CPUs, not the node's).
+An sbatch refusal is one line naming sbatch's reason.
 """
 import argparse
+import contextlib
+import io
 import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import submitit
+from submitit.core.utils import FailedJobError
 
 from util.checkpoint import LAST
-from util.config import parse_with_config
+from util.config import load_config, parse_with_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # a long run outlives many partition time limits: each timeout requeues the job (pre-emptions do not count)
 MAX_TIMEOUT_REQUEUES = 100
 SLURM_ONLY_FLAGS = ("partition", "account", "qos", "constraint", "comment", "exclude")
+# one line per node and partition: partition (default marked *), node, CPUs, memory (MB), generic resources
+SINFO_FORMAT = "%P|%N|%c|%m|%G"
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> list[str]:
@@ -97,6 +112,178 @@ class Trainer:
         return submitit.helpers.DelayedSubmission(Trainer(self.main, self.args))
 
 
+@dataclass(frozen=True)
+class Node:
+    """One node of one partition, as sinfo reports it."""
+
+    partition: str
+    default: bool  # the cluster's default partition
+    name: str
+    cpus: int
+    memory_mb: int
+    gpus: int
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the job asks of each node."""
+
+    partition: str  # "" for the cluster's default
+    nodes: int
+    tasks_per_node: int
+    cpus_per_task: int
+    gpus_per_node: int
+    mem_gb: int  # per node; 0: the cluster's default
+
+
+def gpu_count(gres: str) -> int:
+    """GPUs in sinfo's %G: "gpu:8", "gpu:a100:4(S:0-1)", "gpu:2,mps:200", "(null)"."""
+    total = 0
+    for entry in re.sub(r"\([^)]*\)", "", gres).split(","):
+        fields = entry.strip().split(":")
+        if fields[0] == "gpu":
+            total += int(fields[-1]) if len(fields) > 1 and fields[-1].isdigit() else 1
+    return total
+
+
+def parse_sinfo(text: str) -> list[Node]:
+    """Nodes from `sinfo -h -N -o SINFO_FORMAT`; lines that do not parse are skipped."""
+    nodes = []
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 5:
+            continue
+        partition, name, cpus, memory, gres = fields
+        try:
+            nodes.append(Node(partition=partition.rstrip("*"), default=partition.endswith("*"), name=name,
+                              cpus=int(cpus.rstrip("+")), memory_mb=int(memory.rstrip("+")), gpus=gpu_count(gres)))
+        except ValueError:
+            continue
+    return nodes
+
+
+def query_nodes() -> Optional[list[Node]]:
+    """The cluster's nodes from sinfo, or None where sinfo is missing, fails or says nothing."""
+    try:
+        result = subprocess.run(["sinfo", "-h", "-N", "-o", SINFO_FORMAT], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (parse_sinfo(result.stdout) or None) if result.returncode == 0 else None
+
+
+def cpus_per_task(launcher: argparse.Namespace, args: argparse.Namespace) -> int:
+    return launcher.cpus_per_task or args.num_workers + 1
+
+
+def request_of(launcher: argparse.Namespace, args: argparse.Namespace) -> Request:
+    return Request(partition=launcher.partition, nodes=launcher.nodes, tasks_per_node=launcher.ngpus,
+                   cpus_per_task=cpus_per_task(launcher, args),
+                   gpus_per_node=launcher.ngpus if args.device.startswith("cuda") else 0,
+                   mem_gb=launcher.mem_per_gpu * launcher.ngpus)
+
+
+def partition_nodes(request: Request, nodes: list[Node]) -> tuple[str, list[Node]]:
+    """(partition name, its nodes) of the request: --partition or the default; a partition sinfo does not list
+    is an error naming --partition. ("", []) when no partition is given and none is the default."""
+    partitions = sorted({node.partition for node in nodes})
+    name = request.partition or next((node.partition for node in nodes if node.default), "")
+    if request.partition and request.partition not in partitions:
+        raise ValueError(f"--partition {request.partition}: no such partition; sinfo lists {', '.join(partitions)}")
+    return name, [node for node in nodes if node.partition == name]
+
+
+def check_request(request: Request, nodes: list[Node], cpu_flag: str) -> Optional[str]:
+    """Why no node of the partition can ever run the job, naming the flag to change; None if some can.
+
+    `cpu_flag` names what set the CPUs per task: "--cpus_per_task", or "--num_workers" (CPUs = workers + 1)."""
+    try:
+        partition, members = partition_nodes(request, nodes)
+    except ValueError as err:
+        return str(err)
+    if not members:
+        return None  # no default partition: sbatch itself will say so
+    where = f"the nodes of partition '{partition}'"
+    if request.nodes > len(members):
+        return f"--nodes {request.nodes}: partition '{partition}' has {len(members)} node(s)"
+    most_gpus = max(node.gpus for node in members)
+    if request.gpus_per_node > most_gpus:
+        if most_gpus == 0:
+            with_gpus = sorted({node.partition for node in nodes if node.gpus})
+            elsewhere = f", or a partition with GPUs (--partition {' / '.join(with_gpus)})" if with_gpus else ""
+            return (f"{where} have no GPUs, and the job asks for {request.gpus_per_node} per node: add --device cpu "
+                    f"(CPU processes, gloo, no GPU requested){elsewhere}")
+        return f"--ngpus {request.gpus_per_node}: {where} have at most {most_gpus} GPUs; use --ngpus {most_gpus} and more --nodes"
+    most_cpus = max(node.cpus for node in members if node.gpus >= request.gpus_per_node)
+    wanted = request.tasks_per_node * request.cpus_per_task
+    if wanted > most_cpus:
+        if request.tasks_per_node > most_cpus:
+            return (f"--ngpus {request.tasks_per_node}: {request.tasks_per_node} processes per node need at least as "
+                    f"many CPUs, and {where} have at most {most_cpus}")
+        fits = most_cpus // request.tasks_per_node
+        detail = (f"--num_workers {request.cpus_per_task - 1} + 1 = {request.cpus_per_task} CPUs per task"
+                  if cpu_flag == "--num_workers" else f"--cpus_per_task {request.cpus_per_task}")
+        advice = f"--num_workers {fits - 1} or less" if cpu_flag == "--num_workers" else f"--cpus_per_task {fits} or less"
+        return (f"{cpu_flag}: the job asks for {detail} x {request.tasks_per_node} task(s) per node = {wanted} CPUs, "
+                f"and {where} have at most {most_cpus}: use {advice}")
+    most_memory_mb = max(node.memory_mb for node in members)
+    if request.mem_gb * 1024 > most_memory_mb:
+        return (f"--mem_per_gpu: the job asks for {request.mem_gb} GB per node (--mem_per_gpu x --ngpus), and {where} "
+                f"have at most {most_memory_mb // 1024} GB: use --mem_per_gpu {most_memory_mb // 1024 // request.tasks_per_node} or less")
+    return None
+
+
+def flag_given(flag: str, argv: Sequence[str], config: dict) -> bool:
+    """Whether the user set --flag: on the command line (--flag V or --flag=V) or in the --config file."""
+    option = f"--{flag}"
+    return flag in config or any(token == option or token.startswith(option + "=") for token in argv)
+
+
+def fit_default_workers(launcher: argparse.Namespace, args: argparse.Namespace, nodes: list[Node]) -> None:
+    """Lower the default --num_workers (this machine's CPUs) so that workers + 1 CPUs per task fit the node."""
+    try:
+        partition, members = partition_nodes(request_of(launcher, args), nodes)
+    except ValueError:
+        return  # check_request names the partition
+    gpus = request_of(launcher, args).gpus_per_node
+    fitting = [node.cpus for node in members if node.gpus >= gpus]
+    if not fitting:
+        return
+    workers = max(0, max(fitting) // launcher.ngpus - 1)
+    if workers < args.num_workers:
+        print(f"--num_workers {workers}: the default {args.num_workers} would ask for {args.num_workers + 1} CPUs per "
+              f"task, and the nodes of partition '{partition}' have {max(fitting)} CPUs for {launcher.ngpus} task(s)", flush=True)
+        args.num_workers = workers
+
+
+def check_against_cluster(launcher: argparse.Namespace, args: argparse.Namespace, given: Callable[[str], bool]) -> None:
+    """Fit the default workers and refuse an unmeetable request, both from sinfo; nothing when sinfo cannot answer.
+
+    `given(flag)` says whether the user set that flag (command line or --config)."""
+    nodes = query_nodes()
+    if nodes is None:
+        return
+    if not given("num_workers") and not given("cpus_per_task"):
+        fit_default_workers(launcher, args, nodes)
+    cpu_flag = "--cpus_per_task" if launcher.cpus_per_task else "--num_workers"
+    problem = check_request(request_of(launcher, args), nodes, cpu_flag)
+    if problem is not None:
+        raise SystemExit(f"error: the job can never start: {problem} (from sinfo; nothing was submitted)")
+
+
+def submit_job(executor: submitit.AutoExecutor, trainer: "Trainer") -> submitit.Job:
+    """executor.submit, with a refusal by sbatch (or no sbatch at all) as one line instead of a traceback."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):  # submitit prints sbatch's stderr before raising it again
+            return executor.submit(trainer)
+    except FailedJobError as err:
+        reason = next((line.strip() for line in reversed(str(err).splitlines()) if line.strip()), "no reason given")
+        raise SystemExit(f"error: sbatch refused the job: {reason}") from None
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: cannot submit: {err.filename or 'sbatch'} not found; on a machine without SLURM use "
+                         f"--executor local") from None
+
+
 def make_executor(launcher: argparse.Namespace, args: argparse.Namespace, name: str) -> submitit.AutoExecutor:
     folder = Path(launcher.job_dir or Path(args.output_dir) / "submitit").resolve() / "%j"
     executor = submitit.AutoExecutor(folder=folder, cluster=launcher.executor,
@@ -106,7 +293,7 @@ def make_executor(launcher: argparse.Namespace, args: argparse.Namespace, name: 
         name=name, timeout_min=launcher.timeout, nodes=launcher.nodes, tasks_per_node=launcher.ngpus,
         # CPU jobs request no GPU at all: a gres request fails on clusters (or partitions) without GPUs
         gpus_per_node=launcher.ngpus if args.device.startswith("cuda") else None,
-        cpus_per_task=launcher.cpus_per_task or args.num_workers + 1,
+        cpus_per_task=cpus_per_task(launcher, args),
         mem_gb=launcher.mem_per_gpu * launcher.ngpus or None,
         **slurm_only,
     )
@@ -129,7 +316,12 @@ def launch(get_args_parser: Callable[[], argparse.ArgumentParser],
     # the job unpickles the main script's function: make the repository importable wherever it starts
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
-    job = make_executor(launcher, args, name).submit(Trainer(main, args))
+    if launcher.executor == "slurm":
+        argv_seen = list(sys.argv[1:] if argv is None else argv)
+        config = load_config(args.config, parser) if args.config else {}
+        check_against_cluster(launcher, args, lambda flag: flag_given(flag, argv_seen, config))
+    executor = make_executor(launcher, args, name)
+    job = submit_job(executor, Trainer(main, args)) if launcher.executor == "slurm" else executor.submit(Trainer(main, args))
     print(f"submitted job {job.job_id} ({launcher.executor}: {launcher.nodes} node(s) x {launcher.ngpus} process(es))\n"
           f"  stdout: {job.paths.stdout}\n  stderr: {job.paths.stderr}\n  output_dir: {args.output_dir}", flush=True)
     if launcher.executor == "local":
