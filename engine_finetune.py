@@ -6,9 +6,10 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from engine_pretrain import autocast_for, optimizer_step
+from engine_pretrain import optimizer_step
 from util.lr_sched import adjust_learning_rate
 from util.metrics import Progress, RunningTerms, accuracy
+from util.precision import autocast_for
 
 
 def train_one_epoch(

@@ -11,12 +11,7 @@ import torch.nn.functional as F
 from util.dist import all_reduce_mean, get_world_size
 from util.lr_sched import adjust_learning_rate
 from util.metrics import NonFiniteStepSkipper, Progress, RunningTerms, accuracy
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-AMP_CHOICES = ("auto", *AMP_DTYPES)
-AMP_HELP = ("autocast precision. auto (default): bf16 where the device computes it natively (CUDA GPUs with bf16, "
-            "CPUs with AVX-512 BF16 or AMX), else none, since emulated bf16 on older CPUs runs many times slower "
-            "than fp32; bf16 needs no loss scaling; fp16 adds a GradScaler and can overflow with large models")
+from util.precision import autocast_for
 
 
 class PretrainTask(nn.Module):
@@ -45,22 +40,6 @@ class PretrainTask(nn.Module):
             terms["probe_ce"] = probe_ce.detach()
             terms["probe_acc"] = accuracy(logits.detach(), labels)[0]
         return loss, terms
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """`--amp auto` -> bf16 or none for `device` (see AMP_HELP); any other value is returned as given."""
-    if amp != "auto":
-        return amp
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "none"
-    if device.type == "cpu":
-        return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "none"
-    return "none"
-
-
-def autocast_for(device: torch.device, amp: str):
-    dtype = AMP_DTYPES[amp]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def train_one_epoch(

@@ -11,12 +11,12 @@ from timm.data import Mixup
 from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from engine_pretrain import resolve_amp
 from util.config import parse_with_config
 from util.datasets import SeededDataset, build_dataset, build_transform
 from util.dist import cleanup, init_distributed
 from util.downstream import add_common_args, build_vit, fit, training_images, validate_common_args
 from util.lr_decay import param_groups_lrd
+from util.precision import resolve_precision
 from util.run import make_loader, prepare_output_dir, resolve_device, seed_everything, set_effective_lr
 
 
@@ -54,7 +54,7 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
 def main(args) -> None:
     info, device = init_distributed(args.device, args.dist_timeout)
     device = resolve_device(str(device))
-    args.amp = resolve_amp(args.amp, device)  # args.yaml records what ran
+    resolve_precision(args, device)  # --amp and --tf32 as they run (args.yaml records that); sets TF32 on a GPU
     prepare_output_dir(args)
     seed_everything(args.seed)
 

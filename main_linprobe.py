@@ -15,11 +15,11 @@ from timm.layers import trunc_normal_
 from timm.optim import Lars
 from torch.utils.data import TensorDataset
 
-from engine_pretrain import autocast_for, resolve_amp
 from util.config import bool_flag, parse_with_config
 from util.datasets import SeededDataset, build_dataset, build_transform
 from util.dist import cleanup, init_distributed
 from util.downstream import add_common_args, build_vit, fit, training_images, validate_common_args
+from util.precision import autocast_for, resolve_precision
 from util.run import make_loader, prepare_output_dir, resolve_device, seed_everything, set_effective_lr
 
 
@@ -58,7 +58,7 @@ def encode_dataset(encoder: nn.Module, loader, device: torch.device, amp: str) -
 def main(args) -> None:
     info, device = init_distributed(args.device, args.dist_timeout)
     device = resolve_device(str(device))
-    args.amp = resolve_amp(args.amp, device)  # args.yaml records what ran
+    resolve_precision(args, device)  # --amp and --tf32 as they run (args.yaml records that); sets TF32 on a GPU
     prepare_output_dir(args)
     seed_everything(args.seed)
 

@@ -12,13 +12,14 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 
-from engine_pretrain import AMP_CHOICES, AMP_HELP, PretrainTask, autocast_for, check_one_batch_fits, resolve_amp, train_one_epoch
+from engine_pretrain import PretrainTask, check_one_batch_fits, train_one_epoch
 from util.checkpoint import find_resume_checkpoint, load_checkpoint, load_matching_state, save_training_state
 from util.config import args_to_dict, bool_flag, git_sha, parse_with_config
 from util.datasets import DATASETS, SeededDataset, SkipBadImages, TrainData, build_dataset, build_transform, subset
 from util.dist import all_reduce_sum, cleanup, init_distributed, is_main_process
 from util.knn import extract_features, knn_classify
 from util.metrics import NonFiniteStepSkipper
+from util.precision import add_precision_args, autocast_for, grad_scaler_for, resolve_precision
 from util.registry import add_method_args, create_model, method_for, pretrain_models
 from util.run import (
     append_log,
@@ -54,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--min_lr", default=0.0, type=float, help="floor of the cosine schedule")
     group.add_argument("--warmup_epochs", default=40, type=int, help="linear warm-up epochs (fractional per step)")
     group.add_argument("--clip_grad", default=None, type=float, help="clip the global gradient norm to this (off by default, as MAE)")
-    group.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=AMP_HELP)
+    add_precision_args(group)  # --amp, --tf32
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="mae_vit_large_patch16", help=f"pre-training model; one of {pretrain_models()}")
@@ -189,7 +190,7 @@ def main(args) -> torch.nn.Module:
     """Pre-train as `args` say; returns the trained model (every rank holds the same weights)."""
     info, device = init_distributed(args.device, args.dist_timeout)
     device = resolve_device(str(device))
-    args.amp = resolve_amp(args.amp, device)  # args.yaml records what ran
+    resolve_precision(args, device)  # --amp and --tf32 as they run (args.yaml records that); sets TF32 on a GPU
     prepare_output_dir(args)
     seed_everything(args.seed)
 
@@ -223,7 +224,7 @@ def main(args) -> torch.nn.Module:
     if args.compile:
         compile_model(model)
     optimizer = build_optimizer(task, args)
-    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    scaler = grad_scaler_for(device, args.amp)
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters")
 
     start_epoch = 0

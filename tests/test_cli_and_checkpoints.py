@@ -179,7 +179,7 @@ def test_base_chain_and_reference(tmp_path, capsys):
 @pytest.mark.parametrize("avx512_bf16,amx,expected", [(True, False, "bf16"), (False, True, "bf16"), (False, False, "none")])
 def test_amp_auto_uses_bf16_only_where_the_cpu_computes_it(monkeypatch, avx512_bf16, amx, expected):
     """Emulated bf16 on a CPU without AVX-512 BF16 or AMX is many times slower than fp32, so auto means none there."""
-    from engine_pretrain import resolve_amp
+    from util.precision import resolve_amp
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert resolve_amp("auto", torch.device("cpu")) == expected

@@ -37,21 +37,23 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine_pretrain import PretrainTask, autocast_for, optimizer_step  # noqa: E402
+from engine_pretrain import PretrainTask, optimizer_step  # noqa: E402
 from main_pretrain import build_optimizer, compile_model, set_fused_attn  # noqa: E402
 from util.config import bool_flag  # noqa: E402
 from util.mim import num_visible, random_masking  # noqa: E402
+from util.precision import autocast_for, grad_scaler_for, resolve_tf32, set_tf32  # noqa: E402
 from util.registry import add_method_args, create_model, method_for, pretrain_models  # noqa: E402
 
 PRECISIONS = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
-MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Datasheet peaks in TFLOP/s, dense (no 2:4 sparsity), SXM boards. bf16/fp16 are tensor-core rates; fp32 is the
-# plain FP32 rate, since PyTorch leaves TF32 off for matrix products by default. Longest matching name first.
+MATMUL_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Datasheet peaks in TFLOP/s, dense (no 2:4 sparsity), SXM boards. bf16/fp16/tf32 are tensor-core rates: tf32 is
+# that of float32 products with --tf32 true (the default, as in training), fp32 the plain FP32 rate (--tf32 false).
+# Longest matching name first.
 GPU_PEAK_TFLOPS = {
-    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
-    "H100 NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0},
+    "H100 NVL": {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0},
 }
 
 
@@ -75,6 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--adamw", default="fused", choices=["fused", "foreach"], help="AdamW implementation: fused (training's) or foreach (torch's default)")
     group.add_argument("--grad_checkpointing", default=False, type=bool_flag, help="recompute block activations in the backward (main_pretrain.py --grad_checkpointing)")
     group.add_argument("--host_sync", default=False, type=bool_flag, help="read the loss on the host every step (loss.item(), as the official engine does)")
+    group.add_argument("--tf32", default=True, type=bool_flag,
+                       help="TF32 for float32 matrix products and convolutions where the GPU has it (compute capability >= 8), "
+                            "as main_pretrain.py --tf32 (default on); the step sets it, so the configurations of a --vs run can differ")
     group.add_argument("--noise", default="loader", choices=["loader", "step"],
                        help="loader: mask noise comes with the batch (data-loader workers draw it, as in training); step: drawn inside the step")
     parser.add_argument("--vs", action="append", default=[], metavar="KEY=VALUE",
@@ -203,8 +208,11 @@ def measure_step_memory(step: Callable[[], None], device: torch.device) -> tuple
 
 
 def measure_matmul_tflops(device: torch.device, precision: str, size: Optional[int] = None, repeats: int = 5) -> float:
-    """Best of `repeats` square matrix products in `precision`'s dtype: the device's practical matmul peak."""
+    """Best of `repeats` square matrix products in `precision`'s dtype (tf32: float32 with TF32 on, on a GPU): the
+    device's practical matmul peak."""
     size = size or (8192 if device.type == "cuda" else 2048)
+    if device.type == "cuda":
+        set_tf32(precision == "tf32")
     a, b = (torch.randn(size, size, device=device, dtype=MATMUL_DTYPES[precision]) for _ in range(2))
     a @ b  # warm-up: library handles, thread pools
     best = min(time_call(lambda: a @ b, device) for _ in range(repeats))
@@ -254,13 +262,16 @@ def build_training_step(args: argparse.Namespace, device: torch.device) -> tuple
     if args.compile:
         compile_model(model)
     amp = PRECISIONS[args.precision]
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    scaler = grad_scaler_for(device, amp)
+    tf32 = resolve_tf32(args.tf32, device)
     size = model.patch_embed.img_size[0]
     images = torch.randn(args.batch_size, 3, size, size, device=device)
     labels = torch.zeros(args.batch_size, dtype=torch.long, device=device)
     loader_noise = model.draw_noise(images) if args.noise == "loader" else None
 
     def step() -> None:
+        if device.type == "cuda":  # a process-wide flag: set per step, as the two configurations of --vs alternate
+            set_tf32(tf32)
         with autocast_for(device, amp):
             loss, _ = task(images, labels, loader_noise)
         (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -303,12 +314,14 @@ def run_train(configs: list[argparse.Namespace], device: torch.device) -> list[d
     peaks: dict[str, tuple[float, str]] = {}  # measured once per precision
     results = []
     for config, (_, model), measured in zip(configs, built, timed):
+        tf32 = resolve_tf32(config.tf32, device)
+        peak_precision = "tf32" if config.precision == "fp32" and tf32 else config.precision
         if config.peak_tflops:
             peak, peak_source = config.peak_tflops, "--peak_tflops"
         else:
-            if config.precision not in peaks:
-                peaks[config.precision] = default_peak_tflops(device, config.precision)
-            peak, peak_source = peaks[config.precision]
+            if peak_precision not in peaks:
+                peaks[peak_precision] = default_peak_tflops(device, peak_precision)
+            peak, peak_source = peaks[peak_precision]
         median = statistics.median(measured["times"])
         img_per_s = config.batch_size / median
         flops = train_flops_per_image(model)
@@ -323,6 +336,7 @@ def run_train(configs: list[argparse.Namespace], device: torch.device) -> list[d
             "step_ms": [round(t * 1000, 1) for t in measured["times"]],  # in order: shows drift and bursts of noise
             "masking_ms": round(masking_seconds(model, config.batch_size, device) * 1000, 3),
             **{lever: getattr(config, lever) for lever in ("compile", "fused_attn", "adamw", "grad_checkpointing", "host_sync", "noise")},
+            "tf32": tf32,  # whether it ran: asked for, on a GPU that has it
             "torch": torch.__version__, "timm": timm.__version__,
         })
     return results
@@ -364,7 +378,7 @@ def run_data(config: argparse.Namespace) -> dict:
 
 def print_table(results: list[dict]) -> None:
     columns = ["model", "batch_size", "input_size", "precision", "img_per_s", "mfu", "peak_mem_mb", "step_mem_mb", "masking_ms",
-               "compile", "fused_attn", "adamw", "grad_checkpointing", "host_sync", "noise"]
+               "compile", "fused_attn", "adamw", "grad_checkpointing", "host_sync", "noise", "tf32"]
     columns = [c for c in columns if c in results[0]] if "mode" not in results[0] else list(results[0])
     print(" | ".join(columns))
     for result in results:

@@ -15,7 +15,8 @@ finiteness check, their loss scaler (backward, unscale, the unclipped gradient n
 optimizer step), zero_grad, and torch.cuda.synchronize() on a GPU; AdamW as their main_pretrain.py builds it
 (torch's default implementation). --official_step model keeps only forward, backward, AdamW and zero_grad, to
 separate the model's speed from the engine's. Neither side includes the lr schedule or logging. Our step is
-tools/benchmark.py's (the engine's: fused AdamW, no host sync, masks from noise that comes with the batch).
+tools/benchmark.py's (the engine's: fused AdamW, no host sync, masks from noise that comes with the batch). On a GPU
+our step runs with --tf32 (default on, as training), theirs with PyTorch's TF32 defaults, which their code keeps.
 """
 import argparse
 import json
@@ -37,11 +38,11 @@ from timm.optim import param_groups_weight_decay
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine_pretrain import autocast_for  # noqa: E402
 from main_pretrain import set_fused_attn  # noqa: E402
 from models_mae import MAE_SIZES  # noqa: E402
 from tools import benchmark  # noqa: E402
 from util.config import bool_flag  # noqa: E402
+from util.precision import autocast_for, resolve_tf32  # noqa: E402
 
 
 class BlockIgnoringQkScale(timm_vit.Block):
@@ -137,6 +138,8 @@ def build_official_step(model: nn.Module, images: torch.Tensor, args: argparse.N
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> None:
+        if device.type == "cuda":  # PyTorch's defaults, which their code keeps: TF32 for convolutions, not for matmuls
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
         with autocast_for(device, amp):
             loss, _, _ = model(images, mask_ratio=args.mask_ratio)
         engine = args.official_step == "engine"
@@ -175,6 +178,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--official_fused_attn", default=None, type=bool_flag,
                         help="the same for the official model (it builds timm's Block too); default --fused_attn")
     parser.add_argument("--compile", default=False, type=bool_flag, help="torch.compile our model (main_pretrain.py --compile)")
+    parser.add_argument("--tf32", default=True, type=bool_flag,
+                        help="our step with TF32 for float32 products on GPUs that have it (main_pretrain.py --tf32, default on); "
+                             "the official step keeps PyTorch's defaults (TF32 for convolutions only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice)")
     return parser
@@ -195,7 +201,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     ours_argv = ["--model", args.model, "--batch_size", str(args.batch_size), "--precision", args.precision,
                  "--mask_ratio", str(args.mask_ratio), "--norm_pix_loss", str(args.norm_pix_loss),
-                 "--fused_attn", str(args.fused_attn), "--compile", str(args.compile), "--device", args.device]
+                 "--fused_attn", str(args.fused_attn), "--compile", str(args.compile), "--tf32", str(args.tf32),
+                 "--device", args.device]
     if args.input_size:
         ours_argv += ["--input_size", str(args.input_size)]
     ours_args = benchmark.get_args_parser().parse_args(ours_argv)
@@ -212,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     result = {
         "model": args.model, "batch_size": args.batch_size, "input_size": size, "precision": args.precision,
         "official_precision": args.official_precision, "official_step": args.official_step, "compile": args.compile,
-        "fused_attn": args.fused_attn, "official_fused_attn": args.official_fused_attn,
+        "fused_attn": args.fused_attn, "official_fused_attn": args.official_fused_attn, "tf32": resolve_tf32(args.tf32, device),
         "device": benchmark.device_name(device), "steps": args.steps,
         "ours_img_per_s": round(args.batch_size / ours_s, 2), "official_img_per_s": round(args.batch_size / official_s, 2),
         "ratio": round(official_s / ours_s, 3), "median_round_ratio": round(statistics.median(round_ratios), 3),

@@ -13,12 +13,12 @@ from torch.utils.data import Dataset
 from torch.utils.tensorboard import SummaryWriter
 
 from engine_finetune import evaluate, train_one_epoch
-from engine_pretrain import AMP_CHOICES, AMP_HELP
 from models_vit import load_pretrained_encoder
 from util.checkpoint import find_resume_checkpoint, load_checkpoint, model_state_from, save_training_state
 from util.config import args_to_dict, bool_flag, git_sha
 from util.datasets import DATASETS, class_balanced_subset, dataset_labels, subset
 from util.dist import DistInfo, is_main_process
+from util.precision import add_precision_args, grad_scaler_for
 from util.registry import create_model, list_models
 from util.run import append_log, default_workers, seed_everything, truncate_log
 
@@ -37,7 +37,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     group.add_argument("--min_lr", default=0.0, type=float, help="floor of the cosine schedule")
     group.add_argument("--warmup_epochs", default=warmup_epochs, type=int, help="linear warm-up epochs (fractional per step)")
     group.add_argument("--clip_grad", default=None, type=float, help="clip the global gradient norm to this")
-    group.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=AMP_HELP)
+    add_precision_args(group)  # --amp, --tf32
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="vit_large_patch16", help=f"one of {list_models('vit_')}")
@@ -129,7 +129,7 @@ def build_vit(args, num_classes: int, **kwargs) -> nn.Module:
 def fit(args, info: DistInfo, device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer,
         criterion: nn.Module, train_loader, val_loader, mixup_fn: Optional[Callable] = None) -> dict:
     """Resume if possible, then train and evaluate every epoch; returns the last log record."""
-    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    scaler = grad_scaler_for(device, args.amp)  # args.amp as resolved by the script
     start_epoch = 0
     resume_path = find_resume_checkpoint(args)
     if resume_path is not None:
