@@ -2,7 +2,7 @@
 masked sequences in 375 steps) for MAE, the MAE x 4 control, MI-MAE and its one-term ablations, 3 seeds each,
 every epoch's checkpoint measured by tools/info_plane.py (estimators fitted afresh, never the run's own V).
 
-    python tools/bottleneck_study.py --output_dir study_bottleneck      # about 2 hours on 2 CPU cores
+    python tools/bottleneck_study.py --output_dir study_bottleneck --seeds 0   # ~95 min a seed on 2 CPU cores
 
 Finished stages are skipped (an interrupted study goes on where it stopped); every command and its wall-clock
 go to OUTPUT/commands.txt. The end writes OUTPUT/bottleneck.md (mean +- std and per-seed values) and
@@ -29,6 +29,7 @@ CONFIGS = {
     "max_only": ("max-MI only", [*PRETRAIN["mi_mae"], "--w_min", "0", "--w_v", "0"]),
     "min_only": ("min-MI only", [*PRETRAIN["mi_mae"], "--w_max", "0"]),
     "estimator_only": ("max-MI, V fitted but unused (w_min 0)", [*PRETRAIN["mi_mae"], "--w_min", "0"]),
+    "mask_level": ("MI-MAE, CLUB per mask", [*PRETRAIN["mi_mae"], "--club_level", "mask"]),
 }
 COLUMNS = [("train_rec", "rec"), ("test_knn_acc1", "k-NN %"), ("i_xz", "I(x;z) CLUB fresh V"),
            ("i_xz_gaussian", "I(x;z) Gaussian"), ("i_zz", "I(z_j;z_k) InfoNCE"),
@@ -42,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=str(ROOT / "study_bottleneck"))
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--extra", nargs="+", default=[], metavar="NAME=FLAGS",
-                        help="further MI-MAE configurations, e.g. mask_level='--club_level mask'")
+                        help="further MI-MAE configurations, e.g. tau02='--mi_temperature 0.2'")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=3, help="the demo's 3")
     parser.add_argument("--device", default="cuda", help="cuda when available, else the CPU")
