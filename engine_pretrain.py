@@ -30,6 +30,9 @@ class PretrainTask(nn.Module):
             # BatchNorm without affine + linear: MAE's probe head, robust to the feature scale drifting.
             self.probe = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
 
+    def estimator_losses(self):
+        return self.model.estimator_losses()
+
     def forward(self, imgs: torch.Tensor, labels: torch.Tensor, noise: Optional[torch.Tensor] = None):
         loss, terms, features = self.model(imgs, noise)
         terms = dict(terms)
@@ -133,8 +136,8 @@ def estimator_steps(task: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Extra updates of a model's own estimator between optimizer steps (MI-MAE's V, --v_steps): the model yields
     each loss, which reaches only the estimator's parameters; only they then step (AdamW skips parameters without
     gradient). Called on the model itself, outside DDP, so their gradients are averaged over ranks here."""
-    model = (task.module if isinstance(task, nn.parallel.DistributedDataParallel) else task).model
-    for loss in model.estimator_losses():
+    inner = task.module if isinstance(task, nn.parallel.DistributedDataParallel) else task
+    for loss in getattr(inner, "estimator_losses", tuple)():  # a task without an estimator has nothing to do
         loss.backward()
         for param in (p for group in optimizer.param_groups for p in group["params"]):
             if param.grad is not None and get_world_size() > 1:
