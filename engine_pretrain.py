@@ -137,10 +137,11 @@ def estimator_steps(task: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     each loss, which reaches only the estimator's parameters; only they then step (AdamW skips parameters without
     gradient). Called on the model itself, outside DDP, so their gradients are averaged over ranks here."""
     inner = task.module if isinstance(task, nn.parallel.DistributedDataParallel) else task
+    distributed = get_world_size() > 1
     for loss in getattr(inner, "estimator_losses", tuple)():  # a task without an estimator has nothing to do
         loss.backward()
-        for param in (p for group in optimizer.param_groups for p in group["params"]):
-            if param.grad is not None and get_world_size() > 1:
+        if distributed:
+            for param in (p for group in optimizer.param_groups for p in group["params"] if p.grad is not None):
                 param.grad.copy_(all_reduce_mean(param.grad))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

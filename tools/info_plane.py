@@ -36,6 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from models_mi_mae import GaussianVariationalNet  # noqa: E402
 from util.checkpoint import load_checkpoint, load_matching_state  # noqa: E402
 from util.datasets import DATASETS, build_dataset, build_transform, subset  # noqa: E402
 from util.mi_losses import club_upper_bound, gaussian_log_likelihood, marginal_gaussian_nll  # noqa: E402
@@ -51,28 +52,16 @@ TEMPERATURES = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 # --- estimators: pure functions on (n, d) samples, tested on data of known MI --------------------------------
 
 
-class FreshV(torch.nn.Module):
-    """A new Gaussian MLP q(z|x) for CLUB: mean and log-variance heads, log sigma^2 kept in (-8, 8)."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 256):
-        super().__init__()
-        self.mu = torch.nn.Sequential(torch.nn.Linear(in_dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, out_dim))
-        self.logvar = torch.nn.Sequential(torch.nn.Linear(in_dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, out_dim))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mu(x), 8.0 * torch.tanh(self.logvar(x) / 8.0)
-
-
 def fit_gaussian_v(x: torch.Tensor, z: torch.Tensor, max_steps: int = 3000, batch: int = 2048, patience: int = 200,
-                   seed: int = 0) -> FreshV:
-    """Fit q(z|x) by maximum likelihood until the NLL on a held-back 10% of the pairs has not improved for
+                   seed: int = 0) -> GaussianVariationalNet:
+    """Fit a new Gaussian MLP q(z|x) (MI-MAE's V, log sigma^2 in (-8, 8)) by maximum likelihood until the NLL on a held-back 10% of the pairs has not improved for
     `patience` steps (or `max_steps`); returns the best V seen on that slice."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     order = torch.randperm(x.shape[0], generator=generator)
     held = order[: max(1, x.shape[0] // 10)]
     train = order[held.shape[0]:]
-    net = FreshV(x.shape[1], z.shape[1])
+    net = GaussianVariationalNet(x.shape[1], z.shape[1], hidden=256, logvar_bound=8.0)  # a new V, wider log sigma^2 range
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
     best, best_state, since = math.inf, None, 0
     for step in range(max_steps):

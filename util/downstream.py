@@ -96,10 +96,8 @@ def validate_common_args(args, parser: argparse.ArgumentParser) -> None:
 def training_images(train_set: Dataset, args, world_size: int) -> Dataset:
     """The training images that --subset_size or --label_fraction select (all by default), with a console line
     saying how many and, for --label_fraction, per class and a fingerprint of the chosen indices (equal
-    fingerprints: the same images). Raises ValueError for a class left empty, or too few images for one batch."""
-    if args.label_fraction < 1.0 and args.subset_size > 0:  # validate_common_args says so first from the CLI
-        raise ValueError(f"--label_fraction {args.label_fraction} and --subset_size {args.subset_size} both choose "
-                         f"the training images; set one")
+    fingerprints: the same images). Raises ValueError for a class left empty, or too few images for one batch;
+    validate_common_args has refused the two flags together."""
     if args.label_fraction >= 1.0:
         return subset(train_set, args.subset_size, args.seed)
     chosen = class_balanced_subset(train_set, args.label_fraction, args.seed)
