@@ -260,16 +260,28 @@ def test_v_steps_update_only_v():
     assert model._v_pairs is None and list(model.estimator_losses()) == []  # each step's pairs are used once
 
 
-def test_v_has_its_own_lr_without_warmup():
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "warmup_cosine"])
+def test_v_has_its_own_lr_and_schedule(schedule):
     from util.lr_sched import adjust_learning_rate
 
-    model = _model(v_lr_scale=10.0)
+    model = _model(v_lr_scale=10.0, v_lr_schedule=schedule)
     optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1.0)
     args = argparse.Namespace(lr=1e-3, min_lr=0.0, warmup_epochs=2, epochs=10)
-    main_lr = adjust_learning_rate(optimizer, 0.5, args)
     v_group = next(g for g in optimizer.param_groups if g.get("name") == "variational")
-    assert main_lr == pytest.approx(1e-3 * 0.5 / 2)
-    assert v_group["lr"] == pytest.approx(10 * 1e-3 * 0.5 * (1 + math.cos(math.pi * 0.5 / 10)))
+    for epoch in (0.5, 6.0):
+        main_lr = adjust_learning_rate(optimizer, epoch, args)
+        cosine = 1e-3 * 0.5 * (1 + math.cos(math.pi * epoch / 10))  # from epoch 0, no warm-up
+        expected = {"constant": 1e-3, "cosine": cosine, "warmup_cosine": main_lr}[schedule]
+        assert v_group["lr"] == pytest.approx(10 * expected)
+    assert main_lr == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+
+
+def test_an_unknown_group_schedule_is_an_error():
+    from util.lr_sched import adjust_learning_rate
+
+    optimizer = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "schedule": "linear"}], lr=1.0)
+    with pytest.raises(ValueError, match="'linear'"):
+        adjust_learning_rate(optimizer, 1.0, argparse.Namespace(lr=1e-3, min_lr=0.0, warmup_epochs=2, epochs=10))
 
 
 def test_one_mask_without_mi_losses_is_mae():
