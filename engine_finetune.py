@@ -1,15 +1,30 @@
-"""Supervised training and evaluation for fine-tuning and linear probing (top-1 / top-5)."""
+"""The downstream engine, shared by main_finetune.py and main_linprobe.py: their common flags, building the ViT
+from a pre-training checkpoint, supervised training and evaluation (top-1 / top-5), and the epoch loop with
+checkpoints and log lines."""
+import argparse
+import hashlib
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.data import Dataset
+from torch.utils.tensorboard import SummaryWriter
 
 from engine_pretrain import optimizer_step
+from models_vit import load_pretrained_encoder
+from util.checkpoint import RunState, find_resume_checkpoint, load_checkpoint, model_state_from
+from util.config import bool_flag
+from util.datasets import DATASETS, class_balanced_subset, dataset_labels, subset
+from util.dist import DistInfo, is_main_process
 from util.lr_sched import adjust_learning_rate
 from util.metrics import Progress, RunningTerms, accuracy
-from util.precision import autocast_for
+from util.precision import add_precision_args, autocast_for, grad_scaler_for
+from util.registry import create_model, list_models
+from util.run import append_log, default_workers, seed_everything, truncate_log
 
 
 def train_one_epoch(
@@ -73,8 +88,157 @@ def evaluate(model: nn.Module, data_loader: Iterable, device: torch.device, amp:
         size = torch.tensor(float(targets.shape[0]), device=device)
         running.add({"loss": criterion(logits.float(), targets) * size, "acc1": acc1 * size, "acc5": acc5 * size,
                      "count": size}, step)
-    sums = {k: v * running.count for k, v in running.means().items()}
-    count = max(sums.pop("count"), 1.0)
-    stats = {k: v / count for k, v in sums.items()}
+    means = running.means()  # of size-weighted values: their ratio to the mean size is the per-image mean
+    size = max(means.pop("count"), 1e-12)
+    stats = {k: v / size for k, v in means.items()}
     print(f"* acc@1 {stats['acc1']:.3f} acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} ({time.time() - start:.1f}s)")
     return stats
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs: int, blr: float,
+                    weight_decay: float, warmup_epochs: int, global_pool: bool) -> None:
+    """Flags shared by main_finetune.py and main_linprobe.py, with each script's recipe defaults."""
+    parser.add_argument("--config", default="", help="YAML file whose keys set these flags' defaults; the command line overrides it")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--batch_size", default=batch_size, type=int, help="images per process; effective batch = batch_size x accum_iter x processes")
+    group.add_argument("--epochs", default=epochs, type=int, help="training epochs")
+    group.add_argument("--accum_iter", default=1, type=int, help="accumulate gradients over this many steps")
+    group.add_argument("--weight_decay", default=weight_decay, type=float, help="weight decay on weight matrices (none on biases, norms, pos_embed, cls_token)")
+    group.add_argument("--lr", default=None, type=float, help="absolute lr; default blr x effective batch / 256")
+    group.add_argument("--blr", default=blr, type=float, help="base lr per 256 images")
+    group.add_argument("--min_lr", default=0.0, type=float, help="floor of the cosine schedule")
+    group.add_argument("--warmup_epochs", default=warmup_epochs, type=int, help="linear warm-up epochs (fractional per step)")
+    group.add_argument("--clip_grad", default=None, type=float, help="clip the global gradient norm to this")
+    add_precision_args(group)  # --amp, --tf32
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="vit_large_patch16", help=f"one of {list_models('vit_')}")
+    group.add_argument("--input_size", default=224, type=int, help="image side in pixels")
+    group.add_argument("--finetune", default="", help="pre-training checkpoint (ours, or an official MAE .pth) to start from")
+    group.add_argument("--global_pool", dest="global_pool", action="store_true", help="classify the mean of the patch tokens (with fc_norm)")
+    group.add_argument("--cls_token", dest="global_pool", action="store_false", help="classify the normed cls token")
+    parser.set_defaults(global_pool=global_pool)
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="imagefolder", choices=DATASETS, help="imagefolder (train/ + val/ or test/), fashion_mnist (IDX files), cifar10/cifar100 (torchvision's files) or tiny_imagenet (the official tiny-imagenet-200 folder, evaluated on its val split); never downloaded")
+    group.add_argument("--data_path", default="", help="dataset folder (train/ and val/ or test/ class folders for imagefolder)")
+    group.add_argument("--nb_classes", default=None, type=int, help="classes of the head; default: read from the dataset")
+    group.add_argument("--subset_size", default=0, type=int, help="train on a fixed random subset of this many images (0: all)")
+    group.add_argument("--label_fraction", default=1.0, type=float,
+                       help="train on a class-balanced fraction F in (0, 1] of the labelled training images: "
+                            "round(F x n_c) of each class's n_c images (halves rounded up), chosen from the labels and "
+                            "--seed alone, so every method, model and script of a seed gets the same images (the "
+                            "fingerprint printed at start shows it). FT1%% (MI-MAE's Table 1, the low-shot column) is "
+                            "main_finetune.py --label_fraction 0.01; the same with main_linprobe.py probes on 1%% of "
+                            "the labels. A class that would keep no image is an error. Not with --subset_size: both "
+                            "choose the training images")
+    group.add_argument("--num_workers", default=default_workers(), type=int, help="data-loading processes per GPU/process")
+    group.add_argument("--pin_mem", default=True, type=bool_flag, help="pin host memory for faster GPU copies")
+
+    group = parser.add_argument_group("run")
+    group.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, args.yaml")
+    group.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir)")
+    group.add_argument("--device", default="cuda", help="cuda or cpu; falls back to the CPU when no GPU is present")
+    group.add_argument("--seed", default=0, type=int, help="seed of weights, data order, augmentation and masks (each sample's randomness depends on seed, epoch and index only)")
+    group.add_argument("--resume", default="", help="checkpoint to resume from (default: output_dir/checkpoint-last.pth)")
+    group.add_argument("--auto_resume", default=True, type=bool_flag, help="resume from output_dir/checkpoint-last.pth when it exists")
+    group.add_argument("--save_freq", default=0, type=int, help="keep checkpoint-<epoch>.pth every N epochs (0: only the last)")
+    group.add_argument("--eval", action="store_true", help="only evaluate --resume (or --finetune) on the val split")
+    group.add_argument("--print_freq", default=20, type=int, help="steps between console lines (the only host syncs inside an epoch)")
+    group.add_argument("--dist_timeout", default=1800, type=int, help="seconds before a collective waiting on a dead rank fails")
+
+
+def validate_common_args(args, parser: argparse.ArgumentParser) -> None:
+    if args.model not in list_models("vit_"):
+        parser.error(f"--model: unknown model {args.model!r}; choose one of {list_models('vit_')}")
+    if not args.data_path or not Path(args.data_path).exists():
+        parser.error(f"--data_path: no such folder: {args.data_path!r}")
+    if args.finetune and not Path(args.finetune).is_file():
+        parser.error(f"--finetune: no such file: {args.finetune}")
+    if args.resume and not Path(args.resume).is_file():
+        parser.error(f"--resume: no such file: {args.resume}")
+    if not 0.0 < args.label_fraction <= 1.0:
+        parser.error(f"--label_fraction must lie in (0, 1] (1: every training image), got {args.label_fraction}")
+    if args.label_fraction < 1.0 and args.subset_size > 0:
+        parser.error(f"--label_fraction {args.label_fraction} and --subset_size {args.subset_size} both choose the "
+                     f"training images; set one (--label_fraction alone takes its fraction of every class of the "
+                     f"whole training split)")
+
+
+def training_images(train_set: Dataset, args, world_size: int) -> Dataset:
+    """The training images that --subset_size or --label_fraction select (all by default), with a console line
+    saying how many and, for --label_fraction, per class and a fingerprint of the chosen indices (equal
+    fingerprints: the same images). Raises ValueError for a class left empty, or too few images for one batch;
+    validate_common_args has refused the two flags together."""
+    if args.label_fraction >= 1.0:
+        return subset(train_set, args.subset_size, args.seed)
+    chosen = class_balanced_subset(train_set, args.label_fraction, args.seed)
+    counts = np.bincount(dataset_labels(chosen))
+    counts = counts[counts > 0]
+    fingerprint = hashlib.sha1(",".join(map(str, chosen.indices)).encode()).hexdigest()[:12]
+    per_class = f"{counts[0]}" if counts.min() == counts.max() else f"{counts.min()} to {counts.max()}"
+    print(f"--label_fraction {args.label_fraction}: training on {len(chosen)} of {len(train_set)} images, {per_class} "
+          f"per class of {len(counts)} (seed {args.seed}, subset fingerprint {fingerprint})")
+    if len(chosen) < args.batch_size * world_size:
+        raise ValueError(f"--label_fraction {args.label_fraction} keeps {len(chosen)} training images, fewer than one "
+                         f"batch of --batch_size {args.batch_size} x {world_size} processes; the last partial batch is "
+                         f"dropped, so no step would run: lower --batch_size")
+    return chosen
+
+
+def build_vit(args, num_classes: int, **kwargs) -> nn.Module:
+    """The downstream ViT, with the encoder of `--finetune` loaded (position table resized if needed)."""
+    model = create_model(args.model, num_classes=num_classes, global_pool=args.global_pool,
+                         img_size=args.input_size, **kwargs)
+    if args.finetune:
+        missing = load_pretrained_encoder(model, model_state_from(load_checkpoint(args.finetune)))
+        print(f"loaded the encoder of {args.finetune}; newly initialised: {missing}")
+    return model
+
+
+def fit(args, info: DistInfo, device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer,
+        criterion: nn.Module, train_loader, val_loader, mixup_fn: Optional[Callable] = None) -> dict:
+    """Resume if possible, then train and evaluate every epoch; returns the last log record."""
+    scaler = grad_scaler_for(device, args.amp)  # args.amp as resolved by the script
+    start_epoch = 0
+    run_state = RunState(args, model, optimizer, scaler)
+    resume_path = find_resume_checkpoint(args)
+    if resume_path is not None:
+        try:
+            start_epoch = run_state.restore(load_checkpoint(resume_path), resume_path, weights_only=args.eval)
+        except ValueError as err:  # pickled code, a corrupt file, or another model's weights
+            raise SystemExit(f"error: {err}") from err
+        if not args.eval:
+            truncate_log(args.output_dir, start_epoch)
+        print(f"resumed from {resume_path}")
+    train_model = model
+    if info.distributed:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.eval:
+        return evaluate(model, val_loader, device, args.amp)
+
+    log_writer = SummaryWriter(args.log_dir or args.output_dir) if is_main_process() and args.output_dir else None
+    best_acc1, record = 0.0, {}
+    start_time = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        if hasattr(train_loader.dataset, "set_epoch"):
+            train_loader.dataset.set_epoch(epoch)
+        seed_everything(args.seed + epoch + 1000 * info.rank)  # drop path and mixup: per epoch, per rank
+        train_stats = train_one_epoch(train_model, criterion, train_loader, optimizer, device, epoch, scaler, args,
+                                      mixup_fn, log_writer)
+        test_stats = evaluate(model, val_loader, device, args.amp)
+        best_acc1 = max(best_acc1, test_stats["acc1"])
+        print(f"accuracy of the network on the val images: {test_stats['acc1']:.2f}% (best {best_acc1:.2f}%)")
+        record = {"epoch": epoch, "train_images": len(train_loader.dataset),  # the images trained on, all ranks
+                  **{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in test_stats.items()}}
+        if log_writer is not None:
+            for name in ("acc1", "acc5", "loss"):
+                log_writer.add_scalar(f"perf/test_{name}", test_stats[name], epoch)
+            log_writer.flush()
+        append_log(args.output_dir, record)  # before the checkpoint: see main_pretrain.py
+        if args.output_dir and is_main_process():
+            run_state.save(epoch)
+    total = time.time() - start_time
+    print(f"training time {int(total // 3600)}:{int(total // 60 % 60):02d}:{int(total % 60):02d}")
+    return record

@@ -1,8 +1,12 @@
 """The one pre-training engine. It knows no method: a model's forward returns (loss, terms, features) and
-the engine optimises the loss, logs every term, and optionally trains an online linear probe."""
+the engine optimises the loss, logs every term, and optionally trains an online linear probe.
+
+`PretrainModel` lists everything the engine and the scripts use of a model; `check_pretrain_model` checks a
+model against it once, when it is built."""
 import time
+import warnings
 from contextlib import nullcontext
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -12,6 +16,57 @@ from util.dist import all_reduce_mean, get_world_size
 from util.lr_sched import adjust_learning_rate
 from util.metrics import NonFiniteStepSkipper, Progress, RunningTerms, accuracy
 from util.precision import autocast_for
+
+
+class PretrainOutput(NamedTuple):
+    """What every pre-training model returns.
+
+    loss: scalar to minimise. terms: named detached scalars for logging (the engine logs every one; a term may
+    appear on some steps only, its mean is then over the steps that have it).
+    features: (B, D) encoder cls features of this pass, for the online probe (the engine detaches them).
+    """
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    features: torch.Tensor
+
+
+@runtime_checkable
+class PretrainModel(Protocol):
+    """What the engine, main_pretrain.py and the tools use of a pre-training model (MaskedAutoencoderViT has
+    it all; a method overrides what differs). An optional `estimator_losses()` yields extra losses of the
+    model's own estimator between optimizer steps (MI-MAE's V; see `estimator_steps`)."""
+
+    cls_token: torch.Tensor  # (1, 1, D): D is the width of `features`, for the online probe
+    num_patches: int  # patches per image: the visualisation's masking noise
+    patch_size: int
+    norm_pix_loss: bool
+    mask_ratio: float
+    noise_per_sample: int  # masking noise values per sample, drawn by util.datasets.SeededDataset
+    sequences_per_image: int  # masked sequences through the encoder per image, for compute-matched budgets
+
+    def __call__(self, imgs: torch.Tensor, noise: Optional[torch.Tensor] = None) -> PretrainOutput: ...
+
+    def param_groups(self, weight_decay: float) -> list[dict]: ...  # AdamW groups (a group may set lr_scale, schedule)
+
+    def extract_features(self, imgs: torch.Tensor) -> torch.Tensor: ...  # (B, D) unmasked cls features (k-NN)
+
+    def reconstruct(self, imgs: torch.Tensor, noise: Optional[torch.Tensor] = None): ...  # the reconstruction grids
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None: ...  # --grad_checkpointing
+
+
+# The protocol's members (typing lists them itself only from Python 3.12 on).
+PRETRAIN_MODEL_MEMBERS = (*PretrainModel.__annotations__,
+                          *(name for name, value in vars(PretrainModel).items() if callable(value) and not name.startswith("_")))
+
+
+def check_pretrain_model(model: nn.Module, name: str) -> None:
+    """Refuse, naming what is missing, a model that lacks part of `PretrainModel`."""
+    missing = [attr for attr in PRETRAIN_MODEL_MEMBERS if not hasattr(model, attr)]
+    if missing:
+        raise TypeError(f"--model {name}: {type(model).__name__} lacks {missing}, which the engine and the scripts "
+                        f"use (engine_pretrain.PretrainModel)")
 
 
 class PretrainTask(nn.Module):
@@ -154,3 +209,30 @@ def check_one_batch_fits(num_samples: int, batch_size: int, world_size: int) -> 
             f"error: the dataset has {num_samples} images, fewer than one global batch "
             f"(--batch_size {batch_size} x {world_size} processes); lower --batch_size"
         )
+
+
+def build_optimizer(task: PretrainTask, args) -> torch.optim.Optimizer:
+    groups = task.model.param_groups(args.weight_decay)
+    if task.probe is not None:
+        groups.append({"params": list(task.probe.parameters()), "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
+
+
+def set_fused_attn(model: torch.nn.Module, enabled: bool) -> None:
+    """timm's Attention modules read this per instance (F.scaled_dot_product_attention or matmul-softmax-matmul)."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = enabled
+
+
+def compile_model(model: torch.nn.Module) -> bool:
+    """torch.compile `model`'s forward in place, so its state-dict keys stay the same; False, with a warning, where
+    torch.compile is unsupported. A graph that fails to compile later (say, no C++ compiler for the CPU backend)
+    runs eagerly with a warning instead of stopping the run: dynamo's suppress_errors, set here for the process."""
+    try:
+        torch._dynamo.config.suppress_errors = True
+        model.compile()
+    except Exception as err:  # e.g. a Python version that Dynamo does not support yet
+        warnings.warn(f"--compile: torch.compile is unavailable here ({err}); the model runs eagerly", stacklevel=2)
+        return False
+    return True

@@ -14,7 +14,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from util.config import parse_with_config
 from util.datasets import SeededDataset, build_dataset, build_transform
 from util.dist import cleanup, init_distributed
-from util.downstream import add_common_args, build_vit, fit, training_images, validate_common_args
+from engine_finetune import add_common_args, build_vit, fit, training_images, validate_common_args
 from util.lr_decay import param_groups_lrd
 from util.precision import resolve_precision
 from util.run import make_loader, prepare_output_dir, resolve_device, seed_everything, set_effective_lr
@@ -55,6 +55,7 @@ def main(args) -> None:
     info, device = init_distributed(args.device, args.dist_timeout)
     device = resolve_device(str(device))
     resolve_precision(args, device)  # --amp and --tf32 as they run (args.yaml records that); sets TF32 on a GPU
+    set_effective_lr(args, info)
     prepare_output_dir(args)
     seed_everything(args.seed)
 
@@ -79,7 +80,6 @@ def main(args) -> None:
     model = build_vit(args, num_classes, drop_path_rate=args.drop_path)
     trunc_normal_(model.head.weight, std=2e-5)  # MAE: a near-zero head keeps the first steps from wrecking features
     model.to(device)
-    set_effective_lr(args, info)
     optimizer = torch.optim.AdamW(param_groups_lrd(model, args.weight_decay, args.layer_decay), lr=args.lr, fused=True)
     if mixup_fn is not None:
         criterion = SoftTargetCrossEntropy()  # mixup already smooths the labels

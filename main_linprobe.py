@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from util.config import bool_flag, parse_with_config
 from util.datasets import SeededDataset, build_dataset, build_transform
 from util.dist import cleanup, init_distributed
-from util.downstream import add_common_args, build_vit, fit, training_images, validate_common_args
+from engine_finetune import add_common_args, build_vit, fit, training_images, validate_common_args
 from util.precision import autocast_for, resolve_precision
 from util.run import make_loader, prepare_output_dir, resolve_device, seed_everything, set_effective_lr
 
@@ -59,6 +59,7 @@ def main(args) -> None:
     info, device = init_distributed(args.device, args.dist_timeout)
     device = resolve_device(str(device))
     resolve_precision(args, device)  # --amp and --tf32 as they run (args.yaml records that); sets TF32 on a GPU
+    set_effective_lr(args, info)
     prepare_output_dir(args)
     seed_everything(args.seed)
 
@@ -98,7 +99,6 @@ def main(args) -> None:
         val_loader = make_loader(val_set, info, args, train=False)
     print(f"trainable parameters: {sum(p.numel() for p in probe_model.parameters() if p.requires_grad)}")
 
-    set_effective_lr(args, info)
     optimizer = build_lars(head, args)
     record = fit(args, info, device, probe_model, optimizer, nn.CrossEntropyLoss(), train_loader, val_loader)
     if record:

@@ -5,16 +5,23 @@
 """
 import argparse
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 
-from engine_pretrain import PretrainTask, check_one_batch_fits, train_one_epoch
-from util.checkpoint import find_resume_checkpoint, load_checkpoint, load_matching_state, save_training_state
-from util.config import args_to_dict, bool_flag, git_sha, parse_with_config
+from engine_pretrain import (
+    PretrainTask,
+    build_optimizer,
+    check_one_batch_fits,
+    check_pretrain_model,
+    compile_model,
+    set_fused_attn,
+    train_one_epoch,
+)
+from util.checkpoint import RunState, find_resume_checkpoint, load_checkpoint
+from util.config import bool_flag, parse_with_config
 from util.datasets import DATASETS, SeededDataset, SkipBadImages, TrainData, build_dataset, build_transform, subset
 from util.dist import all_reduce_sum, cleanup, init_distributed, is_main_process
 from util.knn import extract_features, knn_classify
@@ -140,33 +147,6 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--resume: no such file: {args.resume}")
 
 
-def build_optimizer(task: PretrainTask, args) -> torch.optim.Optimizer:
-    groups = task.model.param_groups(args.weight_decay)
-    if task.probe is not None:
-        groups.append({"params": list(task.probe.parameters()), "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
-
-
-def set_fused_attn(model: torch.nn.Module, enabled: bool) -> None:
-    """timm's Attention modules read this per instance (F.scaled_dot_product_attention or matmul-softmax-matmul)."""
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = enabled
-
-
-def compile_model(model: torch.nn.Module) -> bool:
-    """torch.compile `model`'s forward in place, so its state-dict keys stay the same; False, with a warning, where
-    torch.compile is unsupported. A graph that fails to compile later (say, no C++ compiler for the CPU backend)
-    runs eagerly with a warning instead of stopping the run: dynamo's suppress_errors, set here for the process."""
-    try:
-        torch._dynamo.config.suppress_errors = True
-        model.compile()
-    except Exception as err:  # e.g. a Python version that Dynamo does not support yet
-        warnings.warn(f"--compile: torch.compile is unavailable here ({err}); the model runs eagerly", stacklevel=2)
-        return False
-    return True
-
-
 def check_resumable(checkpoint: dict, args, path: Path) -> None:
     """Refuse, naming the flags, to resume a checkpoint trained with other model or method flags: --model,
     --online_probe, and every flag that reaches the model's constructor through the method's model_kwargs
@@ -191,6 +171,7 @@ def main(args) -> torch.nn.Module:
     info, device = init_distributed(args.device, args.dist_timeout)
     device = resolve_device(str(device))
     resolve_precision(args, device)  # --amp and --tf32 as they run (args.yaml records that); sets TF32 on a GPU
+    set_effective_lr(args, info)
     prepare_output_dir(args)
     seed_everything(args.seed)
 
@@ -198,6 +179,7 @@ def main(args) -> torch.nn.Module:
         model = create_model(args.model, **method_for(args.model).model_kwargs(args))
     except ValueError as err:  # e.g. an input size the patch size does not divide
         raise SystemExit(f"error: --model {args.model} with --input_size {args.input_size}: {err}") from err
+    check_pretrain_model(model, args.model)
     try:
         # the method's samples (MAE: one augmented view) and between-epoch work (CMAE: ContrastiveCrop's boxes)
         train_data = (method_for(args.model).train_data or TrainData)(args)
@@ -215,8 +197,6 @@ def main(args) -> torch.nn.Module:
     check_one_batch_fits(len(train_set), args.batch_size, info.world_size)
     loader = make_loader(train_set, info, args, train=True)
 
-    set_effective_lr(args, info)
-
     task = PretrainTask(model, num_classes if args.online_probe else 0).to(device)
     set_fused_attn(model, args.fused_attn)
     if args.grad_checkpointing:
@@ -229,23 +209,15 @@ def main(args) -> torch.nn.Module:
 
     start_epoch = 0
     nan_skips = NonFiniteStepSkipper(args.max_nan_skips) if args.nan_policy == "skip" else None
+    run_state = RunState(args, model, optimizer, scaler, task.probe, train_data, nan_skips)
     resume_path = find_resume_checkpoint(args)
     if resume_path is not None:
         try:
             checkpoint = load_checkpoint(resume_path)
             check_resumable(checkpoint, args, resume_path)
-            load_matching_state(model, checkpoint["model"], resume_path)
-            train_data.load_state_dict(checkpoint.get("train_data", {}))
+            start_epoch = run_state.restore(checkpoint, resume_path)
         except ValueError as err:  # pickled code, a corrupt file, or another model's weights
             raise SystemExit(f"error: {err}") from err
-        if task.probe is not None and "online_probe" in checkpoint:
-            task.probe.load_state_dict(checkpoint["online_probe"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        if nan_skips is not None:
-            nan_skips.skipped = checkpoint.get("nan_skips", 0)
-        start_epoch = checkpoint["epoch"] + 1
         print(f"resumed from {resume_path} (epoch {checkpoint['epoch']} done)")
     truncate_log(args.output_dir, start_epoch)  # also on a fresh start: lines of a run killed before its first checkpoint
 
@@ -301,16 +273,7 @@ def main(args) -> torch.nn.Module:
         # while the other order could lose the line of an epoch the checkpoint already holds.
         append_log(args.output_dir, record)
         if args.output_dir and is_main_process():
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler is not None else {},
-                     "args": args_to_dict(args), "git_sha": git_sha()}
-            if task.probe is not None:
-                state["online_probe"] = task.probe.state_dict()
-            if nan_skips is not None:
-                state["nan_skips"] = nan_skips.skipped
-            if train_state := train_data.state_dict():
-                state["train_data"] = train_state
-            save_training_state(args, epoch, state)
+            run_state.save(epoch)
         if log_writer is not None:
             log_writer.flush()
 

@@ -15,13 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models_mae import MaskedAutoencoderViT, PretrainOutput, build_mae, mae_model_kwargs
+from engine_pretrain import PretrainOutput
+from models_mae import MaskedAutoencoderViT, build_mae, mae_model_kwargs
 from util.cmae_losses import nt_xent_loss, position_cross_entropy
-from util.config import bool_flag
 from util.contrastive_crop import ContrastiveCropData
 from util.dist import gather_with_grad
 from util.mim import masked_mse_loss, num_visible, random_masking
-from util.registry import Method, register_method, register_model
+from util.spec import Knob, Method, model_factory
 
 POS_TASKS = ("abs", "none")
 HEATMAPS = ("sum", "norm")
@@ -37,6 +37,77 @@ CMAE_DECODERS: dict[str, dict] = {
 }
 
 
+# Each hyper-parameter once (util/spec.py); the crop and box knobs are read by ContrastiveCropData, not the model.
+CMAE_KNOBS = (
+    Knob('decoder_depth', None,
+         "decoder blocks; default: the model's reduced decoder, 2 (MAE: 8 for ViT-B). Sweep {1, 2, 4, 8}",
+         type=int, interval='[1, inf)'),
+    Knob('decoder_embed_dim', None,
+         'decoder width; default: 256 for ViT-B/L/H, 128 for the 32-px models (MAE: 512). Sweep {256, 512}',
+         type=int, interval='[1, inf)'),
+    Knob('decoder_num_heads', None,
+         'decoder attention heads (must divide the width); default: 8 for ViT-B/L/H, 4 for the 32-px '
+         'models',
+         type=int, interval='[1, inf)'),
+    Knob('con_weight', 1.0,
+         "lambda_c, weight of the NT-Xent loss between the two views' mean visible-token features "
+         '(projected by Linear-BN-ReLU-Linear to 256-d); 0 drops the term and its head. Sweep {0.1, 0.5, '
+         '1}',
+         interval='[0, inf)'),
+    Knob('con_temperature', 0.2,
+         'NT-Xent temperature tau',
+         interval='(0, inf)'),
+    Knob('pos_task', 'abs',
+         'abs: a linear head classifies the patch index of visible tokens whose positional embedding is '
+         'replaced by one learned no_pos_embed; none: no position task',
+         choices=('abs', 'none')),
+    Knob('pos_ratio', 0.25,
+         "fraction of each view's visible tokens whose position is withheld and predicted (at least one)",
+         interval='(0, 1]'),
+    Knob('pos_weight', 1.0,
+         'lambda_p, weight of the position cross-entropy; 0: no position task',
+         interval='[0, inf)'),
+    Knob('rec_views', 2,
+         "views reconstructed: 2 averages both views' MAE losses, 1 decodes the first view only",
+         choices=(1, 2)),
+    Knob('contrastive_crop', True,
+         "crop the views with ContrastiveCrop after the warm-up; false: MAE's random resized crops "
+         'throughout',
+         model_arg=False),
+    Knob('crop_alpha', 0.6,
+         "Beta(alpha, alpha) law of the crop centre inside the box: < 1 towards the box's edges (more "
+         'different views), 1 uniform, > 1 towards its centre (object-centred). ContrastiveCrop: 0.6 '
+         'ImageNet, 0.1 CIFAR and 64-px Tiny-ImageNet',
+         interval='(0, inf)',
+         model_arg=False),
+    Knob('box_warmup', None,
+         'epochs of plain crops before the boxes are used (full boxes until the first update); default: '
+         '20%% of --epochs (ContrastiveCrop: 20 of 100 on ImageNet, 100 of 500 on CIFAR)',
+         type=int, interval='[0, inf)',
+         model_arg=False),
+    Knob('box_update_freq', None,
+         'recompute the boxes after every N-th epoch from the warm-up on (not after the last); costs one '
+         'encoder pass over the training set; default: 20%% of --epochs',
+         type=int, interval='[1, inf)',
+         model_arg=False),
+    Knob('box_threshold', 0.1,
+         'k: the box spans the rows and columns where the normalised heat map exceeds k',
+         interval='[0, 1)',
+         model_arg=False),
+    Knob('box_heatmap', 'sum',
+         "heat map of the boxes: sum, the channel sum of the final-norm patch tokens (the spec's reading);"
+         ' norm, the L2 norm of the patch tokens before the final LayerNorm. The sum is nearly flat while '
+         "the norm's affine weights are near their initial (1, 0), which gives full boxes early in "
+         'training',
+         choices=('sum', 'norm'),
+         model_arg=False),
+    Knob('view_color_jitter', False,
+         "add SimCLR's colour jitter (0.4, 0.4, 0.4, 0.1, p 0.8) and grayscale (p 0.2) to both views; the "
+         'reconstruction target is then the jittered view',
+         model_arg=False),
+)
+
+
 class ContrastiveMaskedAutoencoderViT(MaskedAutoencoderViT):
     """loss = rec + con_weight * NT-Xent(u^1, u^2) + pos_weight * CE(position), on two views per image.
 
@@ -49,16 +120,11 @@ class ContrastiveMaskedAutoencoderViT(MaskedAutoencoderViT):
     views_per_image = 2
     sequences_per_image = 2  # masked sequences through the encoder per image
 
-    def __init__(self, con_weight: float = 1.0, con_temperature: float = 0.2, pos_task: str = "abs",
-                 pos_ratio: float = 0.25, pos_weight: float = 1.0, rec_views: int = 2, proj_hidden: int = 2048,
-                 proj_dim: int = 256, **kwargs):
+    knobs = CMAE_KNOBS
+
+    def __init__(self, *, con_weight: float, con_temperature: float, pos_task: str, pos_ratio: float, pos_weight: float,
+                 rec_views: int, proj_hidden: int = 2048, proj_dim: int = 256, **kwargs):
         super().__init__(**kwargs)
-        if pos_task not in POS_TASKS:
-            raise ValueError(f"--pos_task must be one of {POS_TASKS}, got {pos_task!r}")
-        if not 0.0 < pos_ratio <= 1.0:
-            raise ValueError(f"--pos_ratio must lie in (0, 1], got {pos_ratio}")
-        if rec_views not in (1, 2):
-            raise ValueError(f"--rec_views must be 1 or 2, got {rec_views}")
         self.con_weight, self.con_temperature = con_weight, con_temperature
         self.pos_weight, self.rec_views = pos_weight, rec_views
         dim = self.cls_token.shape[-1]
@@ -148,101 +214,37 @@ def build_cmae(size: str, **kwargs) -> ContrastiveMaskedAutoencoderViT:
     return build_mae(size, ContrastiveMaskedAutoencoderViT, **{**CMAE_DECODERS[size], **kwargs})
 
 
-@register_model
+@model_factory
 def cmae_vit_base_patch16(**kwargs) -> ContrastiveMaskedAutoencoderViT:
     return build_cmae("vit_base_patch16", **kwargs)
 
 
-@register_model
+@model_factory
 def cmae_vit_large_patch16(**kwargs) -> ContrastiveMaskedAutoencoderViT:
     return build_cmae("vit_large_patch16", **kwargs)
 
 
-@register_model
+@model_factory
 def cmae_vit_huge_patch14(**kwargs) -> ContrastiveMaskedAutoencoderViT:
     return build_cmae("vit_huge_patch14", **kwargs)
 
 
-@register_model
+@model_factory
 def cmae_vit_tiny_patch4(**kwargs) -> ContrastiveMaskedAutoencoderViT:
     return build_cmae("vit_tiny_patch4", **kwargs)
 
 
-@register_model
+@model_factory
 def cmae_vit_small_patch4(**kwargs) -> ContrastiveMaskedAutoencoderViT:
     return build_cmae("vit_small_patch4", **kwargs)
 
 
-def add_cmae_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--decoder_depth", default=None, type=int,
-                       help="decoder blocks; default: the model's reduced decoder, 2 (MAE: 8 for ViT-B). Sweep {1, 2, 4, 8}")
-    group.add_argument("--decoder_embed_dim", default=None, type=int,
-                       help="decoder width; default: 256 for ViT-B/L/H, 128 for the 32-px models (MAE: 512). Sweep {256, 512}")
-    group.add_argument("--decoder_num_heads", default=None, type=int,
-                       help="decoder attention heads (must divide the width); default: 8 for ViT-B/L/H, 4 for the 32-px models")
-    group.add_argument("--con_weight", default=1.0, type=float,
-                       help="lambda_c, weight of the NT-Xent loss between the two views' mean visible-token features "
-                            "(projected by Linear-BN-ReLU-Linear to 256-d); 0 drops the term and its head. Sweep {0.1, 0.5, 1}")
-    group.add_argument("--con_temperature", default=0.2, type=float, help="NT-Xent temperature tau")
-    group.add_argument("--pos_task", default="abs", choices=POS_TASKS,
-                       help="abs: a linear head classifies the patch index of visible tokens whose positional embedding is "
-                            "replaced by one learned no_pos_embed; none: no position task")
-    group.add_argument("--pos_ratio", default=0.25, type=float,
-                       help="fraction of each view's visible tokens whose position is withheld and predicted (at least one)")
-    group.add_argument("--pos_weight", default=1.0, type=float, help="lambda_p, weight of the position cross-entropy; 0: no position task")
-    group.add_argument("--rec_views", default=2, type=int, choices=(1, 2),
-                       help="views reconstructed: 2 averages both views' MAE losses, 1 decodes the first view only")
-    group.add_argument("--contrastive_crop", default=True, type=bool_flag,
-                       help="crop the views with ContrastiveCrop after the warm-up; false: MAE's random resized crops throughout")
-    group.add_argument("--crop_alpha", default=0.6, type=float,
-                       help="Beta(alpha, alpha) law of the crop centre inside the box: < 1 towards the box's edges (more "
-                            "different views), 1 uniform, > 1 towards its centre (object-centred). ContrastiveCrop: 0.6 "
-                            "ImageNet, 0.1 CIFAR and 64-px Tiny-ImageNet")
-    group.add_argument("--box_warmup", default=None, type=int,
-                       help="epochs of plain crops before the boxes are used (full boxes until the first update); "
-                            "default: 20%% of --epochs (ContrastiveCrop: 20 of 100 on ImageNet, 100 of 500 on CIFAR)")
-    group.add_argument("--box_update_freq", default=None, type=int,
-                       help="recompute the boxes after every N-th epoch from the warm-up on (not after the last); costs one "
-                            "encoder pass over the training set; default: 20%% of --epochs")
-    group.add_argument("--box_threshold", default=0.1, type=float,
-                       help="k: the box spans the rows and columns where the normalised heat map exceeds k")
-    group.add_argument("--box_heatmap", default="sum", choices=HEATMAPS,
-                       help="heat map of the boxes: sum, the channel sum of the final-norm patch tokens (the spec's reading); "
-                            "norm, the L2 norm of the patch tokens before the final LayerNorm. The sum is nearly flat while "
-                            "the norm's affine weights are near their initial (1, 0), which gives full boxes early in training")
-    group.add_argument("--view_color_jitter", default=False, type=bool_flag,
-                       help="add SimCLR's colour jitter (0.4, 0.4, 0.4, 0.1, p 0.8) and grayscale (p 0.2) to both views; "
-                            "the reconstruction target is then the jittered view")
-
-
-def cmae_model_kwargs(args: argparse.Namespace) -> dict:
-    names = ("con_weight", "con_temperature", "pos_task", "pos_ratio", "pos_weight", "rec_views")
-    decoder = {name: getattr(args, name) for name in ("decoder_depth", "decoder_embed_dim", "decoder_num_heads")
-               if getattr(args, name) is not None}  # else the model's reduced decoder
-    return {**mae_model_kwargs(args), **decoder, **{name: getattr(args, name) for name in names}}
-
-
 def validate_cmae_args(args: argparse.Namespace) -> None:
-    for flag in ("con_weight", "pos_weight"):
-        if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag} must be non-negative, got {getattr(args, flag)}")
-    if args.con_temperature <= 0:
-        raise ValueError(f"--con_temperature must be positive, got {args.con_temperature}")
-    if not 0.0 < args.pos_ratio <= 1.0:
-        raise ValueError(f"--pos_ratio must lie in (0, 1], got {args.pos_ratio}")
-    for flag in ("decoder_depth", "decoder_embed_dim", "decoder_num_heads", "box_update_freq"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    """The checks that involve several flags (each value's own type and range are its knob's)."""
     width = args.decoder_embed_dim or CMAE_DECODERS[args.model.removeprefix("cmae_")]["decoder_embed_dim"]
     heads = args.decoder_num_heads or CMAE_DECODERS[args.model.removeprefix("cmae_")]["decoder_num_heads"]
     if width % heads:
         raise ValueError(f"--decoder_num_heads {heads} does not divide --decoder_embed_dim {width}")
-    if args.box_warmup is not None and args.box_warmup < 0:
-        raise ValueError(f"--box_warmup must be non-negative, got {args.box_warmup}")
-    if not 0.0 <= args.box_threshold < 1.0:
-        raise ValueError(f"--box_threshold must lie in [0, 1), got {args.box_threshold}")
-    if args.crop_alpha <= 0:
-        raise ValueError(f"--crop_alpha must be positive, got {args.crop_alpha}")
     if args.con_weight > 0 and args.batch_size < 2:
         raise ValueError("--con_weight > 0 trains a BatchNorm in the projection head and needs other images as "
                          "negatives: --batch_size must be at least 2")
@@ -251,11 +253,11 @@ def validate_cmae_args(args: argparse.Namespace) -> None:
 def cmae_run_label(args: dict) -> str:
     """CMAE (Mao), or which of its parts an ablation leaves out."""
     off = [part for part, is_off in (
-        ("contrastive", args.get("con_weight", 1.0) == 0),
-        ("position", args.get("pos_task", "abs") == "none" or args.get("pos_weight", 1.0) == 0),
-        ("ContrastiveCrop", not args.get("contrastive_crop", True))) if is_off]
+        ("contrastive", args["con_weight"] == 0),
+        ("position", args["pos_task"] == "none" or args["pos_weight"] == 0),
+        ("ContrastiveCrop", not args["contrastive_crop"])) if is_off]
     return "CMAE (Mao)" + (f" without {', '.join(off)}" if off else "")
 
 
-register_method(Method(name="CMAE (Mao)", prefix="cmae_", model_kwargs=cmae_model_kwargs, add_args=add_cmae_args,
-                       validate=validate_cmae_args, run_label=cmae_run_label, train_data=ContrastiveCropData))
+METHODS = (Method(name="CMAE (Mao)", prefix="cmae_", common_kwargs=mae_model_kwargs, knobs=CMAE_KNOBS,
+                  validate=validate_cmae_args, run_label=cmae_run_label, train_data=ContrastiveCropData),)

@@ -16,23 +16,66 @@ from typing import Optional
 
 import torch
 
-from models_mae import MaskedAutoencoderViT, PretrainOutput, build_mae, mae_model_kwargs
-from util.config import bool_flag
+from engine_pretrain import PretrainOutput
+from models_mae import MaskedAutoencoderViT, build_mae, mae_model_kwargs
 from util.dist import gather_with_grad
-from util.registry import Method, register_method, register_model
 from util.regularizers import tcr_loss, uniformity_loss
+from util.spec import Knob, Method, model_factory
 
 REGULARIZERS = ("none", "uniformity", "tcr")
+
+
+# --reg values of both official repositories (any case) -> this class's terms. U-MAE selects its loss for any
+# value but none (its choices: none, entropy, spectral); M-MAE's choices are none, square (U-MAE's loss), TCR.
+REG_FLAG_VALUES = {"none": "none", "uniformity": "uniformity", "tcr": "tcr",
+                   "spectral": "uniformity", "entropy": "uniformity", "square": "uniformity"}
+
+
+def regularizer_name(value: str) -> str:
+    """argparse type of --reg: an official or own name -> 'none', 'uniformity' or 'tcr'."""
+    name = REG_FLAG_VALUES.get(value.lower())
+    if name is None:
+        raise argparse.ArgumentTypeError(f"expected one of {sorted(REG_FLAG_VALUES)} (any case), got {value!r}")
+    return name
+
+
+# Both methods share one set of knobs, and so one group of flags (util/spec.py).
+REGULARIZER_KNOBS = (
+    Knob('reg', None,
+         'regulariser: uniformity (U-MAE), tcr (M-MAE) or none (MAE that still logs both terms); default: '
+         "the model's, uniformity for u_mae_*, tcr for m_mae_*. Official values work: U-MAE's spectral and"
+         " entropy and M-MAE's square are the uniformity loss, M-MAE's TCR is tcr",
+         type=regularizer_name),
+    Knob('reg_lambda', 0.01,
+         "lambda in loss = rec + lambda R. The official gather drops the other ranks' gradient, so its "
+         'lambda acts as lambda/W: to reproduce an official run on W GPUs pass lambda_official / W (0.01 /'
+         " 8 = 1.25e-3 for the released 8-GPU scripts); R also depends on the regulariser's batch m = "
+         'batch_size x processes (not x accum_iter)',
+         aliases=('lamb',), interval='[0, inf)'),
+    Knob('tcr_mu', 1.0,
+         'mu in R = -log det(I + mu/d Z^T Z) (M-MAE; d = feature dim, as the official code, not the '
+         "paper's m); larger is stronger. Official: 1 for ViT-B, 3 for ViT-L (its pretrain.sh spells the "
+         'flag --uniformity_lamda)',
+         aliases=('uniformity_mu', 'uniformity_lamda'), interval='(0, inf)'),
+    Knob('tcr_center', False,
+         'centre the gathered unit features in the TCR (Z^T J Z, J = I - 11^T/m); the flag alone means '
+         "true, and the official script's '--centering False' means off (a reading: its older type=bool "
+         'flag read that as true)',
+         aliases=('centering',), bare=True),
+    Knob('reg_double_norm', True,
+         "apply the encoder's final LayerNorm a second time to the cls feature seen by the regulariser and"
+         ' the online probe, as the official models do; false: the single-normed cls token that fine-'
+         'tuning and probing use'),
+)
 
 
 class RegularizedMAE(MaskedAutoencoderViT):
     """loss = rec + reg_lambda * R(c), c = the cls features of the masked pass, R chosen by `reg`."""
 
-    def __init__(self, reg: str = "tcr", reg_lambda: float = 0.01, tcr_mu: float = 1.0, tcr_center: bool = False,
-                 reg_double_norm: bool = True, **kwargs):
+    knobs = REGULARIZER_KNOBS
+
+    def __init__(self, *, reg: str, reg_lambda: float, tcr_mu: float, tcr_center: bool, reg_double_norm: bool, **kwargs):
         super().__init__(**kwargs)
-        if reg not in REGULARIZERS:
-            raise ValueError(f"--reg must be one of {REGULARIZERS}, got {reg!r}")
         self.reg, self.reg_lambda = reg, reg_lambda
         self.tcr_mu, self.tcr_center, self.reg_double_norm = tcr_mu, tcr_center, reg_double_norm
 
@@ -64,118 +107,73 @@ def build_regularized_mae(size: str, default_reg: str, **kwargs) -> RegularizedM
     return build_mae(size, RegularizedMAE, **{"reg": default_reg, **kwargs})
 
 
-@register_model
+@model_factory
 def u_mae_vit_base_patch16(**kwargs) -> RegularizedMAE:
     return build_regularized_mae("vit_base_patch16", "uniformity", **kwargs)
 
 
-@register_model
+@model_factory
 def u_mae_vit_large_patch16(**kwargs) -> RegularizedMAE:
     return build_regularized_mae("vit_large_patch16", "uniformity", **kwargs)
 
 
-@register_model
+@model_factory
 def u_mae_vit_huge_patch14(**kwargs) -> RegularizedMAE:
     return build_regularized_mae("vit_huge_patch14", "uniformity", **kwargs)
 
 
-@register_model
+@model_factory
 def u_mae_vit_tiny_patch4(**kwargs) -> RegularizedMAE:
     return build_regularized_mae("vit_tiny_patch4", "uniformity", **kwargs)
 
 
-@register_model
+@model_factory
 def u_mae_vit_small_patch4(**kwargs) -> RegularizedMAE:
     return build_regularized_mae("vit_small_patch4", "uniformity", **kwargs)
 
 
-@register_model
+@model_factory
 def m_mae_vit_base_patch16(**kwargs) -> RegularizedMAE:
     return build_regularized_mae("vit_base_patch16", "tcr", **kwargs)
 
 
-@register_model
+@model_factory
 def m_mae_vit_large_patch16(**kwargs) -> RegularizedMAE:
     return build_regularized_mae("vit_large_patch16", "tcr", **kwargs)
 
 
-@register_model
+@model_factory
 def m_mae_vit_huge_patch14(**kwargs) -> RegularizedMAE:
     return build_regularized_mae("vit_huge_patch14", "tcr", **kwargs)
 
 
-@register_model
+@model_factory
 def m_mae_vit_tiny_patch4(**kwargs) -> RegularizedMAE:
     return build_regularized_mae("vit_tiny_patch4", "tcr", **kwargs)
 
 
-@register_model
+@model_factory
 def m_mae_vit_small_patch4(**kwargs) -> RegularizedMAE:
     return build_regularized_mae("vit_small_patch4", "tcr", **kwargs)
 
 
-# --reg values of both official repositories (any case) -> this class's terms. U-MAE selects its loss for any
-# value but none (its choices: none, entropy, spectral); M-MAE's choices are none, square (U-MAE's loss), TCR.
-REG_FLAG_VALUES = {"none": "none", "uniformity": "uniformity", "tcr": "tcr",
-                   "spectral": "uniformity", "entropy": "uniformity", "square": "uniformity"}
-
-
-def regularizer_name(value: str) -> str:
-    """argparse type of --reg: an official or own name -> 'none', 'uniformity' or 'tcr'."""
-    name = REG_FLAG_VALUES.get(value.lower())
-    if name is None:
-        raise argparse.ArgumentTypeError(f"expected one of {sorted(REG_FLAG_VALUES)} (any case), got {value!r}")
-    return name
-
-
-def add_regularizer_args(group: argparse._ArgumentGroup) -> None:
-    group.title = "U-MAE and M-MAE (models u_mae_*, m_mae_*)"  # one group serves both methods
-    group.add_argument("--reg", default=None, type=regularizer_name,
-                       help="regulariser: uniformity (U-MAE), tcr (M-MAE) or none (MAE that still logs both terms); default: the model's, "
-                            "uniformity for u_mae_*, tcr for m_mae_*. Official values work: U-MAE's spectral and entropy and M-MAE's square "
-                            "are the uniformity loss, M-MAE's TCR is tcr")
-    group.add_argument("--reg_lambda", "--lamb", default=0.01, type=float,
-                       help="lambda in loss = rec + lambda R. The official gather drops the other ranks' gradient, so its lambda acts as "
-                            "lambda/W: to reproduce an official run on W GPUs pass lambda_official / W (0.01 / 8 = 1.25e-3 for the released "
-                            "8-GPU scripts); R also depends on the regulariser's batch m = batch_size x processes (not x accum_iter)")
-    group.add_argument("--tcr_mu", "--uniformity_mu", "--uniformity_lamda", default=1.0, type=float,
-                       help="mu in R = -log det(I + mu/d Z^T Z) (M-MAE; d = feature dim, as the official code, not the paper's m); larger "
-                            "is stronger. Official: 1 for ViT-B, 3 for ViT-L (its pretrain.sh spells the flag --uniformity_lamda)")
-    group.add_argument("--tcr_center", "--centering", default=False, nargs="?", const=True, type=bool_flag,
-                       help="centre the gathered unit features in the TCR (Z^T J Z, J = I - 11^T/m); the flag alone means true, and the "
-                            "official script's '--centering False' means off (a reading: its older type=bool flag read that as true)")
-    group.add_argument("--reg_double_norm", default=True, type=bool_flag,
-                       help="apply the encoder's final LayerNorm a second time to the cls feature seen by the regulariser and the online "
-                            "probe, as the official models do; false: the single-normed cls token that fine-tuning and probing use")
-
-
-def regularizer_model_kwargs(args: argparse.Namespace) -> dict:
-    kwargs = {**mae_model_kwargs(args), "reg_lambda": args.reg_lambda, "tcr_mu": args.tcr_mu,
-              "tcr_center": args.tcr_center, "reg_double_norm": args.reg_double_norm}
-    if args.reg is not None:  # else the factory's: uniformity for u_mae_*, tcr for m_mae_*
-        kwargs["reg"] = args.reg
-    return kwargs
-
-
 def validate_regularizer_args(args: argparse.Namespace) -> None:
-    if args.reg_lambda < 0:
-        raise ValueError(f"--reg_lambda must be non-negative (a negative weight rewards collapse), got {args.reg_lambda}")
-    if args.tcr_mu <= 0:
-        raise ValueError(f"--tcr_mu must be positive, got {args.tcr_mu}")
+    """The check that involves the model (each value's own type and range are its knob's)."""
     if args.model.startswith("u_mae_") and args.reg == "tcr":
         raise ValueError(f"--reg tcr is M-MAE's term, but {args.model} is U-MAE: use {args.model.replace('u_mae_', 'm_mae_', 1)}")
 
 
 def regularizer_run_label(args: dict) -> str:
     """The regulariser actually used names the run: a U-MAE model with --reg tcr is M-MAE, --reg none is MAE."""
-    if args.get("reg") == "none" or args.get("reg_lambda") == 0:
+    if args["reg"] == "none" or args["reg_lambda"] == 0:
         return "MAE"
     default = "U-MAE" if args["model"].startswith("u_mae_") else "M-MAE"
-    return {"uniformity": "U-MAE", "tcr": "M-MAE"}.get(args.get("reg"), default)
+    return {"uniformity": "U-MAE", "tcr": "M-MAE"}.get(args["reg"], default)
 
 
-# Both methods share one set of flags: only U-MAE's entry adds them (argparse refuses a flag added twice).
-register_method(Method(name="U-MAE", prefix="u_mae_", model_kwargs=regularizer_model_kwargs,
-                       add_args=add_regularizer_args, validate=validate_regularizer_args, run_label=regularizer_run_label))
-register_method(Method(name="M-MAE", prefix="m_mae_", model_kwargs=regularizer_model_kwargs,
-                       validate=validate_regularizer_args, run_label=regularizer_run_label))
+METHODS = (
+    Method(name="U-MAE", prefix="u_mae_", common_kwargs=mae_model_kwargs, knobs=REGULARIZER_KNOBS,
+           validate=validate_regularizer_args, run_label=regularizer_run_label),
+    Method(name="M-MAE", prefix="m_mae_", common_kwargs=mae_model_kwargs, knobs=REGULARIZER_KNOBS,
+           validate=validate_regularizer_args, run_label=regularizer_run_label),
+)

@@ -5,7 +5,7 @@ State-dict keys are those of facebookresearch/mae, so official checkpoints load 
 terms and the encoder's cls features (for the online probe).
 """
 from functools import partial
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -14,21 +14,10 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from timm.optim import param_groups_weight_decay
 
+from engine_pretrain import PretrainOutput
 from util.mim import gather_tokens, masked_mse_loss, normalize_patches, patchify, random_masking
 from util.pos_embed import sincos_2d
-from util.registry import Method, register_method, register_model
-
-
-class PretrainOutput(NamedTuple):
-    """What every pre-training model returns.
-
-    loss: scalar to minimise. terms: named detached scalars for logging (the engine logs every one).
-    features: (B, D) encoder cls features of this pass, for the online probe (the engine detaches them).
-    """
-
-    loss: torch.Tensor
-    terms: dict[str, torch.Tensor]
-    features: torch.Tensor
+from util.spec import Method, model_factory, with_defaults
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -202,31 +191,32 @@ MAE_SIZES: dict[str, dict] = {
 
 
 def build_mae(size: str, model_class: type = MaskedAutoencoderViT, **kwargs) -> MaskedAutoencoderViT:
-    """`model_class` at the architecture `MAE_SIZES[size]`; kwargs override (e.g. img_size) or add options."""
-    return model_class(**{**MAE_SIZES[size], **kwargs})
+    """`model_class` at the architecture `MAE_SIZES[size]`; kwargs override (e.g. img_size) or set the method's
+    knobs (`model_class.knobs`: their defaults fill in, each given value is checked against its declaration)."""
+    return model_class(**{**MAE_SIZES[size], **with_defaults(getattr(model_class, "knobs", ()), kwargs)})
 
 
-@register_model
+@model_factory
 def mae_vit_base_patch16(**kwargs) -> MaskedAutoencoderViT:
     return build_mae("vit_base_patch16", **kwargs)
 
 
-@register_model
+@model_factory
 def mae_vit_large_patch16(**kwargs) -> MaskedAutoencoderViT:
     return build_mae("vit_large_patch16", **kwargs)
 
 
-@register_model
+@model_factory
 def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
     return build_mae("vit_huge_patch14", **kwargs)
 
 
-@register_model
+@model_factory
 def mae_vit_tiny_patch4(**kwargs) -> MaskedAutoencoderViT:
     return build_mae("vit_tiny_patch4", **kwargs)
 
 
-@register_model
+@model_factory
 def mae_vit_small_patch4(**kwargs) -> MaskedAutoencoderViT:
     return build_mae("vit_small_patch4", **kwargs)
 
@@ -236,4 +226,4 @@ def mae_model_kwargs(args) -> dict:
     return {"img_size": args.input_size, "norm_pix_loss": args.norm_pix_loss, "mask_ratio": args.mask_ratio}
 
 
-register_method(Method(name="MAE", prefix="mae_", model_kwargs=mae_model_kwargs))
+METHODS = (Method(name="MAE", prefix="mae_", common_kwargs=mae_model_kwargs),)

@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from models_mae import MAE_SIZES, MaskedAutoencoderViT, PretrainOutput, build_mae, mae_model_kwargs
-from util.config import bool_flag
+from engine_pretrain import PretrainOutput
+from models_mae import MAE_SIZES, MaskedAutoencoderViT, build_mae, mae_model_kwargs
 from util.dist import gather_with_grad, get_rank
 from util.mi_losses import (
     club_upper_bound,
@@ -34,7 +34,91 @@ from util.mim import (
     patchify,
     random_masking,
 )
-from util.registry import Method, register_method, register_model
+from util.spec import Knob, Method, model_factory
+
+
+# Each hyper-parameter once: its flag, check, default and model argument all come from here (util/spec.py).
+MI_MAE_KNOBS = (
+    Knob('num_masks', 4,
+         'masks per image (N); orthogonal masks need N <= 1/(1 - mask_ratio): 4 masks at 0.75 partition '
+         'the image',
+         interval='[1, inf)'),
+    Knob('mask_mode', 'orthogonal',
+         'orthogonal: one permutation split into N disjoint visible sets (reading); independent: N MAE '
+         'masks (ablation)',
+         choices=('orthogonal', 'independent')),
+    Knob('mi_temperature', 0.07,
+         "InfoNCE temperature tau of the max-MI loss; 0.07 is the submission's (quoted by an automated "
+         "review of the ICLR submission); 0.2 was this project's earlier reading (a preset keeps it)",
+         interval='(0, inf)'),
+    Knob('mi_feat', 'mean',
+         'latent of a mask for the max-MI loss: mean of its visible tokens (reading) or the cls token',
+         choices=('mean', 'cls')),
+    Knob('mi_proj', 'mlp',
+         'projection before InfoNCE: Linear(D,2048)-BN-ReLU-Linear(2048,256) (reading) or none',
+         choices=('mlp', 'none')),
+    Knob('nce_gather', False,
+         "add every rank's rows as InfoNCE negatives (gather whose backward sums gradients over ranks)"),
+    Knob('v_hidden', 512,
+         "hidden width of V's mean and log-variance MLPs",
+         interval='[1, inf)'),
+    Knob('v_logvar_bound', 5.0,
+         "V's log sigma^2 lies in (-b, b) (b tanh(raw / b)); CLUB's reference head is b = 1, which caps "
+         "V's NLL at -0.5 + residual and leaves the bound loose once V predicts z better than sigma^2 = "
+         'e^-1',
+         interval='(0, inf)'),
+    Knob('v_lr_scale', 1.0,
+         "V's lr = this x the main lr (its own AdamW group, see --v_lr_schedule): CLUB is a bound only for"
+         ' a V near its optimum; at 3x with 4 extra steps V overfits each batch late in the run '
+         '(train_v_gain falls, docs/RESULTS.md)',
+         interval='[0, inf)'),
+    Knob('v_lr_schedule', 'constant',
+         "V's lr schedule: constant (the main schedule's peak lr throughout: the estimator must keep "
+         "fitting while the encoder anneals, as CLUB's reference trains its estimator at a fixed lr; only "
+         "then does train_v_gain rise again once the encoder's lr decays), cosine (the main cosine without"
+         ' warm-up) or warmup_cosine (the main schedule)',
+         choices=('constant', 'cosine', 'warmup_cosine')),
+    Knob('v_steps', 8,
+         "extra AdamW updates of V after each optimizer step, on that step's detached (x, z) pairs: at the"
+         " main lr alone V lags the encoder (train_v_gain ~ 0.02); 8 raise it ~70%% by the demo's last "
+         'epoch for ~15%% more step time; 16 at --v_lr_scale 10 overfit each batch (train_v_gain < 0 on '
+         'the next). V is a 2-layer MLP on the B x M pairs, small next to the ViT',
+         interval='[0, inf)'),
+    Knob('club_level', 'patch',
+         "patch: pairs (visible patch's norm-pix values, its latent token), contrasted within the image "
+         "(this project's first reading); mask: pairs (mask j's visible input as the mean of its patch "
+         "embeddings, mask j's pooled latent), contrasted across the N masks of the image (the "
+         "submission's form)",
+         choices=('patch', 'mask')),
+    Knob('club_candidates', 'image',
+         'with --club_level mask: the negatives of a pair are the N masks of its image (the submission) or'
+         ' all B x N masks of the batch',
+         choices=('image', 'batch')),
+    Knob('club_dir', 'z_given_x',
+         "V models q(z|x) (V's outputs detached in the bound) or q(x|z) (V's parameters held fixed in the "
+         "bound, z's gradient flows through V's input)",
+         choices=('z_given_x', 'x_given_z')),
+    Knob('club_standardize', True,
+         "standardise z per feature over the batch before CLUB and V's NLL: the bound is then scale-free, "
+         'so the encoder cannot lower it by shrinking its latents (collapse instead of discarding '
+         'information)'),
+    Knob('club_sampled', False,
+         'CLUB with one random partner per pair instead of the closed-form mean over all pairs of the '
+         'group'),
+    Knob('w_rec', 1.0,
+         'weight of the reconstruction loss (lambda1 in reading A)',
+         interval='[0, inf)'),
+    Knob('w_max', 1.0,
+         'weight of the max-MI InfoNCE loss (lambda2 in reading A, lambda1 in B)',
+         interval='[0, inf)'),
+    Knob('w_min', 10.0,
+         'weight of the CLUB min-MI loss (lambda3 = 10 in reading A, the default; lambda2 = 1 in reading '
+         'B: use --w_min 1 --w_v 10)',
+         interval='[0, inf)'),
+    Knob('w_v', 1.0,
+         "weight of V's negative log-likelihood (1 in reading A; lambda3 = 10 in reading B)",
+         interval='[0, inf)'),
+)
 
 
 class GaussianVariationalNet(nn.Module):
@@ -53,21 +137,15 @@ class GaussianVariationalNet(nn.Module):
 
 
 class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
-    def __init__(self, num_masks: int = 4, mask_mode: str = "orthogonal", mi_temperature: float = 0.07,
-                 mi_feat: str = "mean", mi_proj: str = "mlp", nce_gather: bool = False, v_hidden: int = 512,
-                 v_logvar_bound: float = 5.0, v_lr_scale: float = 1.0, v_lr_schedule: str = "constant", v_steps: int = 8, club_level: str = "patch",
-                 club_candidates: str = "image", club_dir: str = "z_given_x", club_standardize: bool = True,
-                 club_sampled: bool = False, w_rec: float = 1.0, w_max: float = 1.0, w_min: float = 10.0,
-                 w_v: float = 1.0, **kwargs):
+    knobs = MI_MAE_KNOBS
+
+    def __init__(self, *, num_masks: int, mask_mode: str, mi_temperature: float, mi_feat: str, mi_proj: str,
+                 nce_gather: bool, v_hidden: int, v_logvar_bound: float, v_lr_scale: float, v_lr_schedule: str,
+                 v_steps: int, club_level: str, club_candidates: str, club_dir: str, club_standardize: bool,
+                 club_sampled: bool, w_rec: float, w_max: float, w_min: float, w_v: float, **kwargs):
         super().__init__(**kwargs)
-        if mask_mode not in ("orthogonal", "independent"):
-            raise ValueError(f"--mask_mode must be orthogonal or independent, got {mask_mode!r}")
-        if mask_mode == "orthogonal":
-            check_num_masks(self.num_patches, num_masks, self.mask_ratio)
-        if num_masks == 1 and w_max > 0:
-            raise ValueError("--w_max > 0 needs --num_masks >= 2: with one mask an image has no positive pair")
-        if w_min > 0 and w_v == 0:
-            raise ValueError("--w_min > 0 needs --w_v > 0: the bound is only a bound with a V fitted to the latents")
+        check_mi_mae(self.num_patches, self.mask_ratio, num_masks, mask_mode, w_max, w_min, w_v, club_level,
+                     club_candidates)
         self.num_masks, self.mask_mode, self.mi_temperature = num_masks, mask_mode, mi_temperature
         self.mi_feat, self.nce_gather, self.club_sampled = mi_feat, nce_gather, club_sampled
         self.club_level, self.club_candidates, self.club_dir = club_level, club_candidates, club_dir
@@ -82,10 +160,8 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
         if w_max > 0:
             if mi_proj == "mlp":
                 self.mi_projector = nn.Sequential(nn.Linear(dim, 2048), nn.BatchNorm1d(2048), nn.ReLU(), nn.Linear(2048, 256))
-            elif mi_proj == "none":
-                self.mi_projector = nn.Identity()
             else:
-                raise ValueError(f"--mi_proj must be mlp or none, got {mi_proj!r}")
+                self.mi_projector = nn.Identity()
         if w_min > 0 or w_v > 0:
             # x: a patch's norm-pix values (patch level) or the mean embedding of a mask's visible patches (mask level)
             x_dim = self.patch_size**2 * self.in_chans if club_level == "patch" else dim
@@ -220,118 +296,58 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
         return super().reconstruct(imgs, noise[:, : self.num_patches])
 
 
-@register_model
+@model_factory
 def mi_mae_vit_base_patch16(**kwargs) -> MIMaskedAutoencoderViT:
     return build_mae("vit_base_patch16", MIMaskedAutoencoderViT, **kwargs)
 
 
-@register_model
+@model_factory
 def mi_mae_vit_large_patch16(**kwargs) -> MIMaskedAutoencoderViT:
     return build_mae("vit_large_patch16", MIMaskedAutoencoderViT, **kwargs)
 
 
-@register_model
+@model_factory
 def mi_mae_vit_huge_patch14(**kwargs) -> MIMaskedAutoencoderViT:
     return build_mae("vit_huge_patch14", MIMaskedAutoencoderViT, **kwargs)
 
 
-@register_model
+@model_factory
 def mi_mae_vit_tiny_patch4(**kwargs) -> MIMaskedAutoencoderViT:
     return build_mae("vit_tiny_patch4", MIMaskedAutoencoderViT, **kwargs)
 
 
-@register_model
+@model_factory
 def mi_mae_vit_small_patch4(**kwargs) -> MIMaskedAutoencoderViT:
     return build_mae("vit_small_patch4", MIMaskedAutoencoderViT, **kwargs)
 
 
-def add_mi_mae_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--num_masks", default=4, type=int,
-                       help="masks per image (N); orthogonal masks need N <= 1/(1 - mask_ratio): 4 masks at 0.75 partition the image")
-    group.add_argument("--mask_mode", default="orthogonal", choices=["orthogonal", "independent"],
-                       help="orthogonal: one permutation split into N disjoint visible sets (reading); independent: N MAE masks (ablation)")
-    group.add_argument("--mi_temperature", default=0.07, type=float,
-                       help="InfoNCE temperature tau of the max-MI loss; 0.07 is the submission's (quoted by an automated "
-                            "review of the ICLR submission); 0.2 was this project's earlier reading (a preset keeps it)")
-    group.add_argument("--mi_feat", default="mean", choices=["mean", "cls"],
-                       help="latent of a mask for the max-MI loss: mean of its visible tokens (reading) or the cls token")
-    group.add_argument("--mi_proj", default="mlp", choices=["mlp", "none"],
-                       help="projection before InfoNCE: Linear(D,2048)-BN-ReLU-Linear(2048,256) (reading) or none")
-    group.add_argument("--nce_gather", default=False, type=bool_flag,
-                       help="add every rank's rows as InfoNCE negatives (gather whose backward sums gradients over ranks)")
-    group.add_argument("--v_hidden", default=512, type=int, help="hidden width of V's mean and log-variance MLPs")
-    group.add_argument("--v_logvar_bound", default=5.0, type=float,
-                       help="V's log sigma^2 lies in (-b, b) (b tanh(raw / b)); CLUB's reference head is b = 1, which caps V's "
-                            "NLL at -0.5 + residual and leaves the bound loose once V predicts z better than sigma^2 = e^-1")
-    group.add_argument("--v_lr_scale", default=1.0, type=float,
-                       help="V's lr = this x the main lr (its own AdamW group, see --v_lr_schedule): CLUB is a bound only for a V "
-                            "near its optimum; at 3x with 4 extra steps V overfits each batch late in the run (train_v_gain falls, "
-                            "docs/RESULTS.md)")
-    group.add_argument("--v_lr_schedule", default="constant", choices=["constant", "cosine", "warmup_cosine"],
-                       help="V's lr schedule: constant (the main schedule's peak lr throughout: the estimator must keep fitting "
-                            "while the encoder anneals, as CLUB's reference trains its estimator at a fixed lr; only then does "
-                            "train_v_gain rise again once the encoder's lr decays), cosine (the main cosine without warm-up) or "
-                            "warmup_cosine (the main schedule)")
-    group.add_argument("--v_steps", default=8, type=int,
-                       help="extra AdamW updates of V after each optimizer step, on that step's detached (x, z) pairs: at the main "
-                            "lr alone V lags the encoder (train_v_gain ~ 0.02); 8 raise it ~70%% by the demo's last epoch for "
-                            "~15%% more step time; 16 at --v_lr_scale 10 overfit each batch (train_v_gain < 0 on the next). V is a "
-                            "2-layer MLP on the B x M pairs, small next to the ViT")
-    group.add_argument("--club_level", default="patch", choices=["patch", "mask"],
-                       help="patch: pairs (visible patch's norm-pix values, its latent token), contrasted within the image "
-                            "(this project's first reading); mask: pairs (mask j's visible input as the mean of its patch "
-                            "embeddings, mask j's pooled latent), contrasted across the N masks of the image (the submission's form)")
-    group.add_argument("--club_candidates", default="image", choices=["image", "batch"],
-                       help="with --club_level mask: the negatives of a pair are the N masks of its image (the submission) or "
-                            "all B x N masks of the batch")
-    group.add_argument("--club_dir", default="z_given_x", choices=["z_given_x", "x_given_z"],
-                       help="V models q(z|x) (V's outputs detached in the bound) or q(x|z) (V's parameters held fixed in the "
-                            "bound, z's gradient flows through V's input)")
-    group.add_argument("--club_standardize", default=True, type=bool_flag,
-                       help="standardise z per feature over the batch before CLUB and V's NLL: the bound is then scale-free, "
-                            "so the encoder cannot lower it by shrinking its latents (collapse instead of discarding information)")
-    group.add_argument("--club_sampled", default=False, type=bool_flag,
-                       help="CLUB with one random partner per pair instead of the closed-form mean over all pairs of the group")
-    group.add_argument("--w_rec", default=1.0, type=float, help="weight of the reconstruction loss (lambda1 in reading A)")
-    group.add_argument("--w_max", default=1.0, type=float, help="weight of the max-MI InfoNCE loss (lambda2 in reading A, lambda1 in B)")
-    group.add_argument("--w_min", default=10.0, type=float,
-                       help="weight of the CLUB min-MI loss (lambda3 = 10 in reading A, the default; lambda2 = 1 in reading B: use --w_min 1 --w_v 10)")
-    group.add_argument("--w_v", default=1.0, type=float, help="weight of V's negative log-likelihood (1 in reading A; lambda3 = 10 in reading B)")
-
-
-def mi_mae_model_kwargs(args: argparse.Namespace) -> dict:
-    names = ("num_masks", "mask_mode", "mi_temperature", "mi_feat", "mi_proj", "nce_gather", "v_hidden", "v_logvar_bound",
-             "v_lr_scale", "v_lr_schedule", "v_steps", "club_level", "club_candidates", "club_dir", "club_standardize", "club_sampled",
-             "w_rec", "w_max", "w_min", "w_v")
-    return {**mae_model_kwargs(args), **{name: getattr(args, name) for name in names}}
-
-
 def mi_mae_run_label(args: dict) -> str:
     """MI-MAE with every MI weight at 0 is MAE (one mask) or the compute-matched MAE x N control."""
-    if args.get("w_max", 1.0) == 0 and args.get("w_min", 10.0) == 0:
-        num_masks = args.get("num_masks", 4)
-        return "MAE" if num_masks == 1 else f"MAE x {num_masks} (no MI)"
+    if args["w_max"] == 0 and args["w_min"] == 0:
+        return "MAE" if args["num_masks"] == 1 else f"MAE x {args['num_masks']} (no MI)"
     return "MI-MAE"
+
+
+def check_mi_mae(num_patches: int, mask_ratio: float, num_masks: int, mask_mode: str, w_max: float, w_min: float,
+                 w_v: float, club_level: str, club_candidates: str) -> None:
+    """The checks that involve several flags (each value's own type and range are its knob's); ValueError."""
+    if mask_mode == "orthogonal":
+        check_num_masks(num_patches, num_masks, mask_ratio)
+    if num_masks == 1 and w_max > 0:
+        raise ValueError("--w_max > 0 needs --num_masks >= 2: with one mask an image has no positive pair")
+    if w_min > 0 and w_v == 0:
+        raise ValueError("--w_min > 0 needs --w_v > 0: the bound is only a bound with a V fitted to the latents")
+    if club_level == "mask" and club_candidates == "image" and num_masks < 2:
+        raise ValueError("--club_level mask contrasts the N masks of an image: it needs --num_masks >= 2 (or --club_candidates batch)")
 
 
 def validate_mi_mae_args(args: argparse.Namespace) -> None:
     patch = MAE_SIZES[args.model.removeprefix("mi_mae_")]["patch_size"]
     if args.input_size % patch:
         raise ValueError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
-    if args.mask_mode == "orthogonal":
-        check_num_masks((args.input_size // patch) ** 2, args.num_masks, args.mask_ratio)
-    if args.num_masks == 1 and args.w_max > 0:
-        raise ValueError("--w_max > 0 needs --num_masks >= 2: with one mask an image has no positive pair")
-    for flag in ("w_rec", "w_max", "w_min", "w_v", "v_lr_scale", "v_steps"):
-        if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag} must be non-negative, got {getattr(args, flag)}")
-    if args.w_min > 0 and args.w_v == 0:
-        raise ValueError("--w_min > 0 needs --w_v > 0: the bound is only a bound with a V fitted to the latents")
-    if args.v_logvar_bound <= 0 or args.mi_temperature <= 0:
-        raise ValueError(f"--v_logvar_bound and --mi_temperature must be positive, got {args.v_logvar_bound} and {args.mi_temperature}")
-    if args.club_level == "mask" and args.club_candidates == "image" and args.num_masks < 2:
-        raise ValueError("--club_level mask contrasts the N masks of an image: it needs --num_masks >= 2 (or --club_candidates batch)")
+    check_mi_mae((args.input_size // patch) ** 2, args.mask_ratio, args.num_masks, args.mask_mode, args.w_max,
+                 args.w_min, args.w_v, args.club_level, args.club_candidates)
 
 
-register_method(Method(name="MI-MAE", prefix="mi_mae_", model_kwargs=mi_mae_model_kwargs, add_args=add_mi_mae_args,
-                       validate=validate_mi_mae_args, run_label=mi_mae_run_label))
+METHODS = (Method(name="MI-MAE", prefix="mi_mae_", common_kwargs=mae_model_kwargs, knobs=MI_MAE_KNOBS,
+                  validate=validate_mi_mae_args, run_label=mi_mae_run_label),)

@@ -11,7 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from models_mae import MAE_SIZES
 from util.pos_embed import interpolate_pos_embed
-from util.registry import register_model
+from util.spec import model_factory
 
 # Keys a pre-training checkpoint may carry that the downstream ViT does not use (decoders, method heads).
 _ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
@@ -26,27 +26,27 @@ def _vit(size: str, global_pool: bool = True, **kwargs) -> VisionTransformer:
     )
 
 
-@register_model
+@model_factory
 def vit_base_patch16(**kwargs) -> VisionTransformer:
     return _vit("vit_base_patch16", **kwargs)
 
 
-@register_model
+@model_factory
 def vit_large_patch16(**kwargs) -> VisionTransformer:
     return _vit("vit_large_patch16", **kwargs)
 
 
-@register_model
+@model_factory
 def vit_huge_patch14(**kwargs) -> VisionTransformer:
     return _vit("vit_huge_patch14", **kwargs)
 
 
-@register_model
+@model_factory
 def vit_tiny_patch4(**kwargs) -> VisionTransformer:
     return _vit("vit_tiny_patch4", **kwargs)
 
 
-@register_model
+@model_factory
 def vit_small_patch4(**kwargs) -> VisionTransformer:
     return _vit("vit_small_patch4", **kwargs)
 

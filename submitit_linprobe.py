@@ -4,7 +4,7 @@
         --finetune runs/mae_b/checkpoint-last.pth --data_path /data/imagenet --output_dir runs/lin_b
 """
 import main_linprobe
-from util.downstream import validate_common_args
+from engine_finetune import validate_common_args
 from util.submit import launch
 
 if __name__ == "__main__":

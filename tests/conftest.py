@@ -31,7 +31,7 @@ def tiny_imagefolder(tmp_path_factory) -> Path:
 def shallow_models(monkeypatch) -> None:
     """Scripts run in this process build their models one block deep (widths and options unchanged)."""
     import main_pretrain
-    import util.downstream
+    import engine_finetune
     from util.registry import create_model, pretrain_models
 
     def capped(name, **kwargs):
@@ -39,7 +39,7 @@ def shallow_models(monkeypatch) -> None:
         return create_model(name, **{**kwargs, "depth": 1, **extra})
 
     monkeypatch.setattr(main_pretrain, "create_model", capped)
-    monkeypatch.setattr(util.downstream, "create_model", capped)
+    monkeypatch.setattr(engine_finetune, "create_model", capped)
 
 
 def run_script(args: list[str], *, torchrun: int = 0, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:

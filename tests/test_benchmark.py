@@ -11,6 +11,7 @@ import timm.models.vision_transformer as timm_vit
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import engine_pretrain
 import main_pretrain
 from tools import benchmark, compare_official
 from util.config import parse_with_config
@@ -147,7 +148,7 @@ def test_compile_falls_back_to_eager_with_a_warning(monkeypatch):
     monkeypatch.setattr(torch, "compile", unsupported)
     model = tiny_model()
     with pytest.warns(UserWarning, match="--compile"):
-        assert not main_pretrain.compile_model(model)
+        assert not engine_pretrain.compile_model(model)
     assert torch.isfinite(model(torch.randn(2, 3, 32, 32)).loss)
 
 

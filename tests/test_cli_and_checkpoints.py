@@ -156,6 +156,18 @@ def test_running_terms_means_and_non_finite_detection():
         running.check_finite()
 
 
+def test_running_terms_take_a_term_that_appears_on_some_steps_only():
+    running = RunningTerms(torch.device("cpu"))
+    running.add({"loss": torch.tensor(1.0)}, 0)
+    running.add({"loss": torch.tensor(3.0), "extra": torch.tensor(10.0)}, 1)
+    running.add({"extra": torch.tensor(20.0), "loss": torch.tensor(5.0)}, 2)  # another order
+    running.add({"loss": torch.tensor(7.0)}, 3)
+    assert running.means() == {"loss": 4.0, "extra": 15.0}  # each over the steps that have it
+    running.add({"extra": torch.tensor(float("nan")), "loss": torch.tensor(1.0)}, 4)
+    with pytest.raises(NonFiniteLossError, match=r"\['extra'\] at step 4"):
+        running.check_finite()
+
+
 def test_base_chain_and_reference(tmp_path, capsys):
     (tmp_path / "sub").mkdir()
     (tmp_path / "base.yaml").write_text("batch_size: 7\nblr: 0.5\nreference: {source: paper, metric: top-1, value: 60.0}\n")

@@ -14,7 +14,7 @@ from torchvision import datasets as tv_datasets
 
 import main_finetune
 import main_linprobe
-import util.downstream
+import engine_finetune
 from tools.make_tables import protocol_of
 from util.config import parse_with_config
 from util.datasets import (
@@ -135,7 +135,7 @@ def test_flag_values_refused_before_any_work(module, flags, expected, tiny_image
     parser = module.get_args_parser()
     args = parse_with_config(parser, ["--data_path", str(tiny_imagefolder), *flags])
     with pytest.raises(SystemExit) as exit_info:
-        util.downstream.validate_common_args(args, parser)
+        engine_finetune.validate_common_args(args, parser)
     assert exit_info.value.code != 0 and expected in capsys.readouterr().err
 
 
@@ -158,7 +158,7 @@ def trained_labels(monkeypatch):
     """Per run, the labels the training loop drew in each epoch, and the images' indices where the loader
     still holds them (the non-cached paths: loader.dataset = SeededDataset(Subset(ImageFolder)))."""
     runs = []
-    original = util.downstream.train_one_epoch
+    original = engine_finetune.train_one_epoch
 
     def recording(model, criterion, data_loader, *args, **kwargs):
         labels = [int(y) for _, targets in data_loader for y in targets]
@@ -167,7 +167,7 @@ def trained_labels(monkeypatch):
                      "indices": list(inner.indices) if isinstance(inner, torch.utils.data.Subset) else None})
         return original(model, criterion, data_loader, *args, **kwargs)
 
-    monkeypatch.setattr(util.downstream, "train_one_epoch", recording)
+    monkeypatch.setattr(engine_finetune, "train_one_epoch", recording)
     return runs
 
 

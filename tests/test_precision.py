@@ -9,7 +9,7 @@ import yaml
 import main_finetune
 import main_linprobe
 import main_pretrain
-import util.downstream
+import engine_finetune
 import util.precision
 from tools import benchmark
 from util.config import parse_with_config
@@ -120,8 +120,8 @@ class _Stop(Exception):
 
 SCRIPTS = {
     "pretrain": (main_pretrain, main_pretrain, ["--model", "mae_vit_tiny_patch4", "--batch_size", "8", "--vis_freq", "0"]),
-    "finetune": (main_finetune, util.downstream, ["--model", "vit_tiny_patch4", "--batch_size", "4"]),
-    "linprobe": (main_linprobe, util.downstream, ["--model", "vit_tiny_patch4", "--batch_size", "4"]),
+    "finetune": (main_finetune, engine_finetune, ["--model", "vit_tiny_patch4", "--batch_size", "4"]),
+    "linprobe": (main_linprobe, engine_finetune, ["--model", "vit_tiny_patch4", "--batch_size", "4"]),
 }
 
 

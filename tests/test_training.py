@@ -65,6 +65,31 @@ def test_outputs_of_a_run(straight_run):
     assert_same_weights(checkpoint["model"], weights(straight_run / "rank0.pt"))
 
 
+def test_args_yaml_passed_back_as_config_reproduces_the_resolved_arguments(straight_run):
+    """args.yaml holds what the run used (the effective lr, the precision as it ran, the code version), and
+    read back as a preset it resolves to the same arguments: only `config` (the file given) and the code
+    version (the new run records its own) are not taken from it."""
+    import yaml
+
+    from main_pretrain import get_args_parser
+    from util.config import parse_with_config
+    from util.dist import DistInfo
+    from util.precision import resolve_precision
+    from util.run import set_effective_lr
+
+    saved = yaml.safe_load((straight_run / "args.yaml").read_text())
+    assert saved["lr"] == pytest.approx(1e-3 * 8 / 256) and saved["amp"] == "none" and saved["code_version"]
+    checkpoint = torch.load(straight_run / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["args"]["lr"] == saved["lr"] and checkpoint["git_sha"] == saved["code_version"]
+    again = parse_with_config(get_args_parser(), ["--config", str(straight_run / "args.yaml")])
+    resolve_precision(again, torch.device("cpu"))
+    set_effective_lr(again, DistInfo())
+    again = vars(again)
+    assert again["config"] == str(straight_run / "args.yaml") and "code_version" not in again
+    differing = {key for key in saved if key not in ("config", "code_version") and again[key] != saved[key]}
+    assert not differing and set(again) == set(saved) - {"code_version"}
+
+
 def test_resume_is_bit_identical(straight_run, tiny_imagefolder, tmp_path):
     """2 epochs straight == 1 epoch, then a new process resuming from that checkpoint for the second."""
     shutil.copy(straight_run / "checkpoint-0.pth", tmp_path / "checkpoint-last.pth")

@@ -37,8 +37,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine_pretrain import PretrainTask, optimizer_step  # noqa: E402
-from main_pretrain import build_optimizer, compile_model, set_fused_attn  # noqa: E402
+from engine_pretrain import PretrainTask, build_optimizer, compile_model, optimizer_step, set_fused_attn  # noqa: E402
 from util.config import bool_flag  # noqa: E402
 from util.mim import num_visible, random_masking  # noqa: E402
 from util.precision import autocast_for, grad_scaler_for, resolve_tf32, set_tf32  # noqa: E402

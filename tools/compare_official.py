@@ -38,7 +38,7 @@ from timm.optim import param_groups_weight_decay
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from main_pretrain import set_fused_attn  # noqa: E402
+from engine_pretrain import set_fused_attn  # noqa: E402
 from models_mae import MAE_SIZES  # noqa: E402
 from tools import benchmark  # noqa: E402
 from util.config import bool_flag  # noqa: E402

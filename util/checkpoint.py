@@ -7,11 +7,14 @@ import errno
 import os
 import pickle
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+
+from util.config import args_to_dict
 
 LAST = "checkpoint-last.pth"
 # A failed write says why in words: torch.save reports a full disk as a RuntimeError whose context is the OSError.
@@ -166,3 +169,70 @@ def save_training_state(args, epoch: int, state: dict[str, Any]) -> None:
         if link_atomic(kept, output / LAST):
             return
     save_atomic(state, output / LAST)
+
+
+# Flags that change neither the weights nor the numbers a run reports: where output goes, how often it is
+# written or printed, monitors, loader plumbing. Every other difference between a checkpoint's args and the
+# resuming run's is listed when it resumes.
+NOT_RESULT_FLAGS = frozenset({
+    "output_dir", "log_dir", "resume", "auto_resume", "config", "code_version", "reference", "print_freq",
+    "save_freq", "vis_freq", "knn_freq", "knn_k", "knn_max_train", "num_workers", "pin_mem", "dist_timeout",
+    "max_nan_skips", "eval", "dist_on_itp", "world_size", "local_rank", "dist_url",
+})
+
+
+def resume_differences(saved: dict[str, Any], args) -> list[str]:
+    """`--flag value (checkpoint: old)` for every result-changing flag whose value differs from the checkpoint's."""
+    current = vars(args)
+    return [f"--{flag} {current[flag]} (checkpoint: {value})" for flag, value in sorted(saved.items())
+            if flag in current and flag not in NOT_RESULT_FLAGS and current[flag] != value]
+
+
+@dataclass
+class RunState:
+    """Everything a run checkpoints and restores, in one place, for pre-training and downstream runs alike: the
+    model, the optimizer, the AMP scaler, the online probe, the method's data state (ContrastiveCrop's boxes),
+    the count of skipped steps, with the run's args and the code version read at its start."""
+
+    args: Any
+    model: nn.Module
+    optimizer: Optional[torch.optim.Optimizer] = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    probe: Optional[nn.Module] = None
+    train_data: Optional[Any] = None  # state_dict() / load_state_dict(), see util.datasets.TrainData
+    nan_skips: Optional[Any] = None  # util.metrics.NonFiniteStepSkipper
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                 "args": args_to_dict(self.args), "git_sha": self.args.code_version}
+        if self.probe is not None:
+            state["online_probe"] = self.probe.state_dict()
+        if self.nan_skips is not None:
+            state["nan_skips"] = self.nan_skips.skipped
+        if self.train_data is not None and (train_state := self.train_data.state_dict()):
+            state["train_data"] = train_state
+        return state
+
+    def save(self, epoch: int) -> None:
+        save_training_state(self.args, epoch, self.state_dict())
+
+    def restore(self, checkpoint: dict[str, Any], path: str | Path, weights_only: bool = False) -> int:
+        """Load `checkpoint` (read from `path`) into every part; returns the epoch to start from. A ValueError
+        names the file when the weights or the data state do not fit. Result-changing flags that differ from
+        the checkpoint's are listed; `weights_only` (evaluation) restores the model alone."""
+        load_matching_state(self.model, checkpoint["model"], path)
+        if weights_only:
+            return 0
+        if self.train_data is not None:
+            self.train_data.load_state_dict(checkpoint.get("train_data", {}))
+        if self.probe is not None and "online_probe" in checkpoint:
+            self.probe.load_state_dict(checkpoint["online_probe"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.nan_skips is not None:
+            self.nan_skips.skipped = checkpoint.get("nan_skips", 0)
+        if changed := resume_differences(checkpoint.get("args") or {}, self.args):
+            print(f"note: resuming {path} with flags that change the result: {', '.join(changed)}")
+        return checkpoint["epoch"] + 1

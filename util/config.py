@@ -21,6 +21,37 @@ def bool_flag(value: str) -> bool:
 # Keys of a preset that are not flags: `_base_` names a preset whose values this one extends (path relative to
 # this file), `reference` records the published number the preset should reach (see configs/README.md).
 BASE_KEY, REFERENCE_KEY = "_base_", "reference"
+# Keys a run writes into its args.yaml about itself (the code version it ran); read back as a preset they are
+# skipped, since the new run records its own.
+RECORD_KEYS = ("code_version",)
+
+
+def checked_value(parser: argparse.ArgumentParser, action: argparse.Action, value, where: str):
+    """A YAML value checked and converted exactly as the same text on the command line would be (type,
+    range, choices): argparse checks only what comes from the command line, never a default set from YAML.
+    SystemExit names `where` (file and key), the value and what is allowed."""
+    if value is None:
+        if action.default is None:
+            return None
+        raise SystemExit(f"{where}: null is not allowed (default {action.default!r})")
+    if action.nargs == 0:  # store_true / store_false
+        if not isinstance(value, bool):
+            raise SystemExit(f"{where}: expected true or false, got {value!r}")
+        return value
+    knob_convert = getattr(action.type, "knob_convert", None)
+    try:
+        if knob_convert is not None:  # a method's knob reads YAML's own types (no int 10.5 -> 10)
+            return knob_convert(value)
+        many = isinstance(value, list) and action.nargs not in (None, "?")
+        texts = [_as_text(v) for v in value] if many else [_as_text(value)]
+        return parser._get_values(action, texts)
+    except (argparse.ArgumentError, argparse.ArgumentTypeError) as err:
+        message = err.message if isinstance(err, argparse.ArgumentError) else str(err)
+        raise SystemExit(f"{where}: {value!r} is not allowed: {message}") from None
+
+
+def _as_text(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -58,10 +89,15 @@ def load_config(path: str, parser: argparse.ArgumentParser, _seen: tuple[Path, .
     if reference is not None and not (isinstance(reference, dict) and isinstance(reference.get("value"), (int, float))):
         raise SystemExit(f"--config {path}: `{REFERENCE_KEY}` must be a mapping with a numeric `value` "
                          f"(and `metric`, `source`), got {reference!r}")
-    known = {action.dest for action in parser._actions} | {BASE_KEY, REFERENCE_KEY}
-    unknown = sorted(set(values) - known)
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(set(values) - set(actions) - {BASE_KEY, REFERENCE_KEY, *RECORD_KEYS})
     if unknown:
         raise SystemExit(f"--config {path}: unknown keys {unknown}; see --help for the flag names")
+    for key in RECORD_KEYS:  # what a run recorded about itself (args.yaml); the new run records its own
+        values.pop(key, None)
+    for key, value in values.items():
+        if key in actions:
+            values[key] = checked_value(parser, actions[key], value, f"--config {path}: {key}")
     base = values.pop(BASE_KEY, None)
     if base is None:
         return values

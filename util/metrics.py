@@ -15,32 +15,41 @@ NON_FINITE_ADVICE = "Lower the lr, use --amp bf16 instead of fp16, or set --clip
 
 
 class RunningTerms:
-    """Per-epoch sums of named scalar terms on the device, plus the first step at which any was non-finite."""
+    """Per-epoch sums of named scalar terms on the device, plus the first step at which any was non-finite.
+
+    A term may appear on some steps only (its mean is over the steps that have it); every rank must log the
+    same names at the same step, as the means are all-reduced."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.names: list[str] = []
-        self.sums: Optional[torch.Tensor] = None
-        self.bad: Optional[torch.Tensor] = None
+        self.sums = torch.zeros(0, device=device)
+        self.counts = torch.zeros(0, device=device)
+        self.bad = torch.zeros(0, dtype=torch.bool, device=device)
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.count = 0
+        self._rows: dict[tuple[str, ...], torch.Tensor] = {}  # a step's names -> their rows, made once per set
 
     def add(self, terms: dict[str, torch.Tensor], step: int) -> None:
-        if self.sums is None:
-            self.names = list(terms)
-            self.sums = torch.zeros(len(terms), device=self.device)
-            self.bad = torch.zeros(len(terms), dtype=torch.bool, device=self.device)
-        values = torch.stack([terms[name].detach().float() for name in self.names])
+        rows = self._rows.get(tuple(terms))
+        if rows is None:
+            new = [name for name in terms if name not in self.names]
+            if new:
+                self.names += new
+                self.sums, self.counts = (torch.cat([t, t.new_zeros(len(new))]) for t in (self.sums, self.counts))
+                self.bad = torch.cat([self.bad, self.bad.new_zeros(len(new))])
+            rows = torch.tensor([self.names.index(name) for name in terms], device=self.device)
+            self._rows[tuple(terms)] = rows
+        values = torch.stack([value.detach().float() for value in terms.values()])
         finite = torch.isfinite(values)
         newly_bad = (~finite).any() & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(newly_bad, torch.full_like(self.first_bad_step, step), self.first_bad_step)
-        self.bad |= ~finite & (self.first_bad_step == step)
-        self.sums += torch.where(finite, values, torch.zeros_like(values))
-        self.count += 1
+        self.bad[rows] |= ~finite & (self.first_bad_step == step)
+        self.sums.index_add_(0, rows, torch.where(finite, values, torch.zeros_like(values)))
+        self.counts.index_add_(0, rows, torch.ones_like(values))
 
     def check_finite(self) -> None:
         """Raise NonFiniteLossError if any term was non-finite (one host sync)."""
-        if self.sums is not None and self.first_bad_step.item() >= 0:
+        if self.names and self.first_bad_step.item() >= 0:
             names = [n for n, b in zip(self.names, self.bad.tolist()) if b]
             raise NonFiniteLossError(
                 f"non-finite loss term(s) {names} at step {self.first_bad_step.item()} of this epoch; "
@@ -49,9 +58,9 @@ class RunningTerms:
 
     def means(self) -> dict[str, float]:
         """Means over the epoch so far, averaged over ranks (one host sync)."""
-        if self.sums is None:
+        if not self.names:
             return {}
-        averaged = all_reduce_mean(self.sums / max(self.count, 1)).tolist()
+        averaged = all_reduce_mean(self.sums / self.counts.clamp(min=1)).tolist()
         return dict(zip(self.names, averaged))
 
 

@@ -1,60 +1,49 @@
 """Registries: models by name (`--model NAME`) and pre-training methods by model-name prefix.
 
-A method (MAE, MI-MAE, ...) is one models file: its factories register with `register_model`, and one
-`register_method` call tells main_pretrain.py which flags the method adds and how they become the
-factory's keyword arguments. The engine never needs to know the method.
+A method (MAE, MI-MAE, ...) is one models file: its factories carry `util.spec.model_factory`, and its
+`METHODS` tuple of `util.spec.Method` says which knobs the method adds (flags, checks, model arguments). The
+registry imports the files of MODEL_MODULES (or one given to `register_module`) and reads both; the files never
+import the registry, so there is no import circle. The engine never needs to know the method.
 """
 import argparse
 import importlib
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch.nn as nn
 
-# Files whose import registers models and methods; a new method adds its file here.
-MODEL_MODULES = ("models_mae", "models_vit", "models_mi_mae", "models_m_mae", "models_cmae")
+from util.spec import Method, add_knobs
+
+# The models files; a new method adds its file here (or a plugin calls register_module before parsing).
+MODEL_MODULES = ["models_mae", "models_vit", "models_mi_mae", "models_m_mae", "models_cmae"]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
-_METHODS: dict[str, "Method"] = {}
+_METHODS: dict[str, Method] = {}
+_REGISTERED: set[str] = set()
 
 
-@dataclass(frozen=True)
-class Method:
-    """A pre-training method: models named `<prefix>...`, its own flags, and how flags become model kwargs."""
-
-    name: str
-    prefix: str
-    model_kwargs: Callable[[argparse.Namespace], dict]
-    add_args: Optional[Callable[[argparse.ArgumentParser], None]] = None
-    validate: Optional[Callable[[argparse.Namespace], None]] = None  # raises ValueError naming the flag
-    # The name a run's results go under (tools/make_tables.py), from its saved args; e.g. MI-MAE with its MI
-    # losses off is the "MAE x 4" control. Default: `name`.
-    run_label: Optional[Callable[[dict], str]] = None
-    # The method's training samples and between-epoch work, a util.datasets.TrainData subclass built from the
-    # args (CMAE: two ContrastiveCrop views). Default: TrainData itself, MAE's one augmented view.
-    train_data: Optional[Callable[[argparse.Namespace], object]] = None
-
-    def label(self, args: dict) -> str:
-        return self.run_label(args) if self.run_label is not None else self.name
-
-
-def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: make `factory` available to `create_model` under its own name."""
-    if factory.__name__ in _MODELS:
-        raise ValueError(f"model {factory.__name__!r} is registered twice")
-    _MODELS[factory.__name__] = factory
-    return factory
-
-
-def register_method(method: Method) -> None:
-    if method.prefix in _METHODS:
-        raise ValueError(f"a method with model prefix {method.prefix!r} is registered twice")
-    _METHODS[method.prefix] = method
+def register_module(name: str) -> None:
+    """Import the models file `name` (once) and register its model factories and its METHODS."""
+    if name in _REGISTERED:
+        return
+    module = importlib.import_module(name)
+    for value in list(vars(module).values()):
+        # a factory imported from another models file belongs to that file
+        if getattr(value, "is_model_factory", False) and value.__module__ == module.__name__:
+            if value.__name__ in _MODELS:
+                raise ValueError(f"model {value.__name__!r} is registered twice")
+            _MODELS[value.__name__] = value
+    for method in getattr(module, "METHODS", ()):
+        if method.prefix in _METHODS:
+            raise ValueError(f"a method with model prefix {method.prefix!r} is registered twice")
+        _METHODS[method.prefix] = method
+    _REGISTERED.add(name)
+    if name not in MODEL_MODULES:
+        MODEL_MODULES.append(name)
 
 
 def _import_model_files() -> None:
-    for module in MODEL_MODULES:
-        importlib.import_module(module)
+    for module in list(MODEL_MODULES):
+        register_module(module)
 
 
 def list_models(prefix: str = "") -> list[str]:
@@ -87,8 +76,16 @@ def method_for(model_name: str) -> Method:
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
-    """Every method's own flags, so that --help documents them all."""
+    """Every method's own flags, so that --help documents them all; methods that share knobs (U-MAE and M-MAE)
+    share one group."""
     _import_model_files()
+    added: dict[int, str] = {}
     for method in _METHODS.values():
-        if method.add_args is not None:
-            method.add_args(parser.add_argument_group(f"{method.name} (models {method.prefix}*)"))
+        own = tuple(knob for knob in method.knobs if id(knob) not in added)
+        if not own:
+            continue
+        sharing = [m for m in _METHODS.values() if {id(knob) for knob in m.knobs} & {id(knob) for knob in own}]
+        title = f"{' and '.join(m.name for m in sharing)} (models {', '.join(m.prefix + '*' for m in sharing)})"
+        add_knobs(parser.add_argument_group(title), own)
+        added.update((id(knob), method.name) for knob in own)
+

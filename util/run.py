@@ -20,13 +20,17 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_output_dir(args) -> None:
-    """Create output_dir, write args.yaml and print the code version (rank 0 only)."""
+    """Record the code version once, in `args.code_version` (a commit made later during the run does not change
+    what its checkpoints name), create output_dir, write args.yaml (rank 0 only) and print both. Call it once
+    every argument is resolved (the effective lr, the precision), so that args.yaml holds what the run uses."""
+    if getattr(args, "code_version", None) is None:
+        args.code_version = git_sha()
+    print(f"git: {args.code_version}\ncommand: {command_line()}")
     if not args.output_dir:
         return
     if is_main_process():
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         save_args(args, args.output_dir)
-    print(f"git: {git_sha()}\ncommand: {command_line()}")
     print("arguments:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
 
 
