@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.dist import all_reduce_mean, get_world_size
+from util.fast_augment import normalize_on_device
 from util.lr_sched import adjust_learning_rate
 from util.metrics import NonFiniteStepSkipper, Progress, RunningTerms, accuracy
 from util.precision import autocast_for
@@ -131,6 +133,7 @@ def train_one_epoch(
         if step % accum_iter == 0:  # the schedule moves per optimizer step, on the fractional epoch
             lr = adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, args)
         imgs, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        imgs = normalize_on_device(imgs, IMAGENET_MEAN, IMAGENET_STD)  # uint8 batches (--data_pipeline fast)
         noise = batch[2].to(device, non_blocking=True) if len(batch) > 2 else None
         boundary = (step + 1) % accum_iter == 0
         # Gradients are all-reduced only on the micro-step that ends an accumulation.

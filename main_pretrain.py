@@ -88,6 +88,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--subset_size", default=0, type=int, help="train on a fixed random subset of this many images (0: all); for quick runs")
     group.add_argument("--num_workers", default=default_workers(), type=int, help="data-loading processes per GPU/process")
     group.add_argument("--pin_mem", default=True, type=bool_flag, help="pin host memory for faster GPU copies")
+    group.add_argument("--data_pipeline", default="fast", choices=("fast", "pil"),
+                       help="MAE's augmentation (random resized crop, scale 0.2-1, bicubic, and flip) as: fast, image files "
+                            "decoded by libjpeg-turbo through torchvision.io and resized by torch's antialiased bicubic on "
+                            "uint8 (PIL's kernel), uint8 batches normalised on the device: the same box and flip draws, "
+                            "pixels within 16 levels of pil (99.9%% within 2, PSNR >= 50 dB), several times its images/s per worker "
+                            "(docs/PERFORMANCE.md); pil: MAE's PIL transform with ToTensor and Normalize in the workers. "
+                            "CMAE's two ContrastiveCrop views always take the PIL path")
     group.add_argument("--skip_bad_images", default=False, type=bool_flag,
                        help="replace each corrupt, truncated or empty image file by the next readable sample (the epoch keeps "
                             "its length; each file is reported once, log.txt counts replacements as bad_images_replaced); "

@@ -81,10 +81,18 @@ def test_vs_names_a_flag_of_one_configuration(item):
         benchmark.main(["--vs", item])
 
 
-def test_data_mode_times_the_pipeline(tiny_imagefolder):
-    (result,) = benchmark.main(["--mode", "data", "--data_path", str(tiny_imagefolder), "--model", "mae_vit_tiny_patch4",
-                                "--batch_size", "4", "--num_workers", "0", "--batches", "2"])
-    assert result["img_per_s"] > 0 and result["epoch_startup_s"] > 0 and result["input_size"] == 32
+def test_data_mode_times_ours_and_the_official_pipeline(tiny_imagefolder):
+    ours, official = benchmark.main(["--mode", "data", "--data_path", str(tiny_imagefolder), "--model", "mae_vit_tiny_patch4",
+                                     "--batch_size", "4", "--num_workers", "0", "--batches", "2", "--rounds", "2"])
+    assert (ours["pipeline"], official["pipeline"]) == ("ours (fast)", "official")
+    for result in (ours, official):
+        assert result["img_per_s"] > 0 and result["epoch_startup_s"] > 0 and result["input_size"] == 32
+    assert ours["vs_official"] == pytest.approx(ours["img_per_s"] / official["img_per_s"], rel=0.01)
+    loaders, _ = benchmark.data_loaders(benchmark.get_args_parser().parse_args(
+        ["--data_path", str(tiny_imagefolder), "--model", "mae_vit_tiny_patch4", "--batch_size", "4", "--batches", "1"]))
+    images, labels, noise = next(iter(loaders["ours"]))  # uint8, normalised on the device by the engine
+    reference, _ = next(iter(loaders["official"]))
+    assert images.dtype == torch.uint8 and images.shape == reference.shape == (4, 3, 32, 32) and noise.shape == (4, 64)
 
 
 FAKE_MODELS = """

@@ -68,8 +68,9 @@ def test_dry_run_prints_the_documented_tables(tmp_path):
         assert float(row[4].replace(",", "")) > 0 and row[5].endswith("%") and ("MB" in row[8] or "GB" in row[8])
     official_rows = [row for row in rows if "vs official" in row[1]]
     assert len(official_rows) == 2 and all(float(row[6]) > 0 and row[7].startswith("**") for row in official_rows)
-    data = table_rows(run.stdout, "| workers | images/s | per worker | epoch start-up |")
-    assert [row[0] for row in data] == ["1", "2"] and all(float(row[1].replace(",", "")) > 0 for row in data)
+    data = table_rows(run.stdout, "| workers | ours images/s | per worker | official images/s | per worker | ours / official | start-up (ours, official) |")
+    assert [row[0] for row in data] == ["1", "2"] and all(float(row[i].replace(",", "")) > 0 for row in data for i in (1, 3))
+    assert all(row[5].endswith("x") for row in data)
     assert "MI-MAE (N = 4" in run.stdout and "ours in bf16 / the official step" in run.stdout
     saved = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert {r["row"] for r in saved} == {"data 1", "data 2", "bf16, MI-MAE vs MAE", "fp16", "fp32, TF32 on/off",
@@ -103,7 +104,8 @@ def test_the_gpu_plan_passes_flags_the_tools_accept_and_fills_the_table(monkeypa
         configs = benchmark.parse_configurations(benchmark.get_args_parser(), argv)
         calls.append(("benchmark", configs))
         if configs[0].mode == "data":
-            return [{"img_per_s": 160.0 * c.num_workers, "img_per_s_per_worker": 160.0, "epoch_startup_s": 1.5} for c in configs]
+            return [{"img_per_s": rate * c.num_workers, "img_per_s_per_worker": rate, "epoch_startup_s": 1.5,
+                     **({"vs_official": 2.5} if rate == 160.0 else {})} for c in configs for rate in (160.0, 64.0)]
         return [{"model": c.model, "batch_size": c.batch_size, "input_size": 224, "precision": c.precision,
                  "img_per_s": 3000.0 / (2 if c.precision == "fp32" and not c.tf32 else 1), "mfu": 0.3,
                  "peak_mem_mb": 40000.0, "tf32": c.tf32, "compile": c.compile, "train_gflops_per_image": 58.7,
@@ -131,13 +133,13 @@ def test_the_gpu_plan_passes_flags_the_tools_accept_and_fills_the_table(monkeypa
     assert rows[0][:3] == ["H200", "`mae_vit_base_patch16`, 224 px", "256"] and rows[0][8] == "39.1 GB"
     assert rows[1][1:3] == ["`mi_mae_vit_base_patch16`, 224 px, N = 4", "64"]
     assert rows[5][6:8] == ["1,200.0", "**2.50**"] and rows[5][5] == "17.8%"  # 3000 x 58.7 GFLOP / 989 TFLOP/s
-    data = table_rows(out, "| workers | images/s | per worker | epoch start-up |")
-    assert [row[:3] for row in data] == [["8", "1,280", "160"], ["16", "2,560", "160"]]
+    data = table_rows(out, "| workers | ours images/s | per worker | official images/s | per worker | ours / official | start-up (ours, official) |")
+    assert [row[:6] for row in data] == [["8", "1,280", "160", "512", "64", "2.50x"], ["16", "2,560", "160", "1,024", "64", "2.50x"]]
     trains = [c for kind, c in calls if kind == "benchmark" and c[0].mode == "train"]
     assert all(c.device == "cuda" and c.steps == 20 and c.warmup == 5 and c.peak_tflops is None for cs in trains for c in cs)
     assert all(args.device == "cuda" and args.official_precision == "fp16" for kind, args in calls if kind == "compare")
     datas = [cs[0] for kind, cs in calls if kind == "benchmark" and cs[0].mode == "data"]
-    assert [(c.num_workers, c.batches, c.input_size) for c in datas] == [(8, 32, None), (16, 64, None)]
+    assert [(c.num_workers, c.batches, c.input_size, c.rounds) for c in datas] == [(8, 32, None, 2), (16, 64, None, 2)]
 
 
 @pytest.mark.parametrize("flag", ["--dry-run", "--dry_run"])

@@ -1,9 +1,11 @@
 """Throughput of pre-training: images/s of the full training step (forward, backward, AdamW) on synthetic data,
-its peak memory, analytic FLOPs and model-FLOPs utilisation (MFU); or, with --mode data, the data pipeline alone.
+its peak memory, analytic FLOPs and model-FLOPs utilisation (MFU); or, with --mode data, the data pipeline alone,
+ours against the official one (torchvision's ImageFolder, PIL and MAE's transform) in interleaved rounds.
 
     python tools/benchmark.py --model mae_vit_base_patch16 --batch_size 8 --input_size 224 --precision fp32 --steps 10
     python tools/benchmark.py --model mae_vit_tiny_patch4 --batch_size 128 --vs fused_attn=false   # a lever, A/B
     python tools/benchmark.py --mode data --dataset imagefolder --data_path /data/imagenet --num_workers 4
+    python tools/make_benchmark_jpegs.py --output_dir jpegs && python tools/benchmark.py --mode data --data_path jpegs
 
 A configuration's step time is the median of --steps timed steps after --warmup untimed ones (CUDA events on a
 GPU, a host clock on the CPU, where execution is synchronous). Each `--vs KEY=VALUE` adds a second configuration,
@@ -90,6 +92,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--data_path", default="", help="as main_pretrain.py --data_path")
     group.add_argument("--num_workers", default=2, type=int, help="data-loading processes (0: the main process decodes)")
     group.add_argument("--batches", default=20, type=int, help="batches timed after the first (whose time is the epoch start-up)")
+    group.add_argument("--rounds", default=3, type=int,
+                       help="interleaved rounds of ours and the official pipeline (order alternating); medians are reported")
+    group.add_argument("--data_pipeline", default="fast", choices=("fast", "pil"), help="ours: as main_pretrain.py --data_pipeline")
     add_method_args(parser)
     return parser
 
@@ -342,37 +347,87 @@ def run_train(configs: list[argparse.Namespace], device: torch.device) -> list[d
 
 
 # --- the data pipeline -------------------------------------------------------------------------------------------
-def run_data(config: argparse.Namespace) -> dict:
-    """Decoded and augmented images/s of main_pretrain.py's pipeline (same dataset, transform, per-sample noise).
+def official_transform(size: int) -> Callable:
+    """The official MAE pre-training transform (its main_pretrain.py), built here from torchvision: PIL image in,
+    RandomResizedCrop(size, scale=(0.2, 1), bicubic), RandomHorizontalFlip, ToTensor, Normalize(ImageNet)."""
+    from torchvision import transforms
 
-    The first batch's time is the epoch start-up (workers forked, first images decoded), which non-persistent
-    workers pay every epoch; images/s counts the --batches after it.
-    """
-    from util.datasets import SeededDataset, build_dataset, build_transform
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+
+
+def data_loaders(config: argparse.Namespace) -> tuple[dict[str, torch.utils.data.DataLoader], int]:
+    """{"ours": main_pretrain.py's training set (its dataset, --data_pipeline transform, per-sample seeds and mask
+    noise), "official": torchvision's ImageFolder with PIL's loader and `official_transform`} on --data_path, and
+    the input size."""
+    from torchvision import datasets
+
+    from util.datasets import SeededDataset, TrainData, build_dataset
 
     if not config.data_path:
         raise SystemExit("error: --mode data needs --data_path (and --dataset)")
     model = build_model(config, torch.device("cpu"))
     size = model.patch_embed.img_size[0]
-    dataset = SeededDataset(build_dataset(config.dataset, config.data_path, "train", build_transform(True, size, "pretrain")),
-                            seed=0, noise_size=model.noise_per_sample)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
-                                         shuffle=True, drop_last=True)
-    if len(loader) < config.batches + 1:
-        raise SystemExit(f"error: --data_path has {len(loader)} batches of {config.batch_size}; lower --batches or --batch_size")
+    transform = TrainData(argparse.Namespace(input_size=size, data_pipeline=config.data_pipeline)).image_transform()
+    ours = SeededDataset(build_dataset(config.dataset, config.data_path, "train", transform), seed=0,
+                         noise_size=model.noise_per_sample)
+    sets = {"ours": ours}
+    train = Path(config.data_path) / "train"
+    if config.dataset == "imagefolder":  # the official loader needs class folders: train/<class>/ or <class>/
+        try:
+            sets["official"] = datasets.ImageFolder(str(train if train.is_dir() else config.data_path), official_transform(size))
+        except FileNotFoundError:
+            pass
+    loaders = {name: torch.utils.data.DataLoader(data, batch_size=config.batch_size, num_workers=config.num_workers,
+                                                 shuffle=True, drop_last=True) for name, data in sets.items()}
+    short = [name for name, loader in loaders.items() if len(loader) < config.batches + 1]
+    if short:
+        raise SystemExit(f"error: --data_path has too few images for {config.batches + 1} batches of {config.batch_size}; "
+                         f"lower --batches or --batch_size")
+    return loaders, size
+
+
+def time_loader(loader: torch.utils.data.DataLoader, batches: int) -> tuple[float, float]:
+    """(seconds to the first batch: the epoch start-up, workers forked; images/s over the `batches` after it)."""
     begin = time.perf_counter()
-    batches = iter(loader)
-    next(batches)
+    iterator = iter(loader)
+    next(iterator)
     first = time.perf_counter() - begin
     begin = time.perf_counter()
-    for _ in range(config.batches):
-        next(batches)
+    for _ in range(batches):
+        next(iterator)
     seconds = time.perf_counter() - begin
-    img_per_s = config.batches * config.batch_size / seconds
-    return {"mode": "data", "dataset": config.dataset, "input_size": size, "batch_size": config.batch_size,
-            "num_workers": config.num_workers, "img_per_s": round(img_per_s, 1),
-            "img_per_s_per_worker": round(img_per_s / max(config.num_workers, 1), 1),
-            "epoch_startup_s": round(first, 3), "device": "cpu"}
+    del iterator  # its workers stop before the next pipeline's start
+    return first, batches * loader.batch_size / seconds
+
+
+def run_data(config: argparse.Namespace) -> list[dict]:
+    """Decoded and augmented images/s of ours and of the official pipeline, in --rounds interleaved rounds (the
+    order alternating), medians reported; with an image folder without class folders, ours alone.
+
+    The first batch of each round's epoch is its start-up (workers forked, first images decoded), which
+    non-persistent workers pay every epoch; images/s counts the --batches after it.
+    """
+    loaders, size = data_loaders(config)
+    names = list(loaders)
+    timings: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for round_index in range(config.rounds):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            timings[name].append(time_loader(loaders[name], config.batches))
+    results = []
+    for name in names:
+        img_per_s = statistics.median(rate for _, rate in timings[name])
+        results.append({"mode": "data", "pipeline": name if name == "official" else f"ours ({config.data_pipeline})",
+                        "dataset": config.dataset, "input_size": size, "batch_size": config.batch_size,
+                        "num_workers": config.num_workers, "img_per_s": round(img_per_s, 1),
+                        "img_per_s_per_worker": round(img_per_s / max(config.num_workers, 1), 1),
+                        "epoch_startup_s": round(statistics.median(first for first, _ in timings[name]), 3),
+                        "rounds": config.rounds, "device": "cpu"})
+    if len(results) == 2:
+        results[0]["vs_official"] = round(results[0]["img_per_s"] / results[1]["img_per_s"], 2)
+    return results
 
 
 def print_table(results: list[dict]) -> None:
@@ -391,7 +446,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     if configs[0].threads:
         torch.set_num_threads(configs[0].threads)
     if configs[0].mode == "data":
-        results = [run_data(c) for c in configs]
+        results = [result for c in configs for result in run_data(c)]
     else:
         results = run_train(configs, torch.device(configs[0].device))
     print_table(results)

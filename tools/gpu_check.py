@@ -3,7 +3,8 @@ tools/gpu_check.sh). Every figure comes from tools/benchmark.py and tools/compar
 process (one start-up), row after row:
 
 - the data pipeline (`benchmark.py --mode data`) with 8 and 16 workers, at 224 px with MAE's transform, on the
-  image folder of --data_path ($DATA), else on synthetic ImageNet-sized JPEGs (about 500 x 375) made here;
+  image folder of --data_path ($DATA), else on ImageNet-sized JPEGs made by tools/make_benchmark_jpegs.py, ours
+  against the official pipeline, interleaved;
 - the training step of MAE ViT-B/16 in each precision, at batch 256: bf16; fp16 with its GradScaler; fp32 with and
   without TF32 (one interleaved --vs run); each row with its MFU and peak memory;
 - MI-MAE (N = 4) at batch 64 interleaved with MAE at 256 (the same sequences per step): time per image;
@@ -29,18 +30,16 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import timm
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools import benchmark, compare_official  # noqa: E402
+from tools.make_benchmark_jpegs import make_set  # noqa: E402
 
 OFFICIAL_HOW = ("the official rows need a checkout of facebookresearch/mae: `git clone https://github.com/facebookresearch/mae` "
                 "on a machine with access, copy it over, and pass MAE=/path/to/mae (or --official_path)")
@@ -59,11 +58,11 @@ class Settings:
     peak_tflops: Optional[float]  # None: datasheet (H100/H200) or measured
     workers: tuple[int, ...]
     data_batch_size: int
-    image_size: tuple[int, int]  # (width, height) of the synthetic JPEGs, on average
+    data_rounds: int  # interleaved rounds of ours and the official pipeline
 
 
-GPU = Settings("mae_vit_base_patch16", "mi_mae_vit_base_patch16", 256, 64, None, 20, 5, None, (8, 16), 64, (500, 375))
-DRY = Settings("mae_vit_tiny_patch4", "mi_mae_vit_tiny_patch4", 4, 1, 16, 1, 1, 1.0, (1, 2), 4, (40, 30))
+GPU = Settings("mae_vit_base_patch16", "mi_mae_vit_base_patch16", 256, 64, None, 20, 5, None, (8, 16), 64, 2)
+DRY = Settings("mae_vit_tiny_patch4", "mi_mae_vit_tiny_patch4", 4, 1, 16, 1, 1, 1.0, (1, 2), 4, 1)
 BATCHES_PER_WORKER = 4  # timed batches per worker: each worker delivers several, so start-up and prefetch even out
 
 
@@ -88,31 +87,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="seconds: rows not started by then are skipped, a running one is stopped then")
     parser.add_argument("--json", default="", help="also write every row's results to this file (JSON lines)")
     return parser
-
-
-# --- synthetic images ----------------------------------------------------------------------------------------------
-def _write_jpeg(job: tuple[Path, int, tuple[int, int]]) -> None:
-    """One photograph-like JPEG: smooth random colour fields (bicubic from a coarse grid) plus fine grain, at a
-    random size around `size` and quality 75-95, as ImageNet's files; decoding cost scales with the pixel count."""
-    path, seed, (width, height) = job
-    rng = np.random.default_rng(seed)
-    w, h = int(width * rng.uniform(0.75, 1.25)), int(height * rng.uniform(0.75, 1.25))
-    coarse = Image.fromarray(rng.integers(0, 256, size=(max(h // 24, 2), max(w // 24, 2), 3), dtype=np.uint8))
-    pixels = np.asarray(coarse.resize((w, h), Image.BICUBIC), dtype=np.int16) + rng.normal(0, 6, size=(h, w, 3)).astype(np.int16)
-    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=int(rng.integers(75, 96)))
-
-
-def make_images(folder: Path, count: int, size: tuple[int, int]) -> Path:
-    """`count` synthetic JPEGs in `folder` (an unlabelled image folder), written by one process per core."""
-    folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(folder / f"{i:05d}.jpg", i, size) for i in range(count)]
-    if count < 64:
-        for job in jobs:
-            _write_jpeg(job)
-    else:
-        with Pool(min(os.cpu_count() or 1, 16)) as pool:
-            pool.map(_write_jpeg, jobs, chunksize=16)
-    return folder
 
 
 # --- running the rows ----------------------------------------------------------------------------------------------
@@ -187,17 +161,13 @@ def plan(s: Settings, device: torch.device, official_path: str, data_path: str, 
     images_needed = (BATCHES_PER_WORKER * largest + 1) * s.data_batch_size
 
     def data_folder() -> str:
-        if data_path:
-            return data_path
-        folder = scratch / "images"
-        if not folder.is_dir():
-            make_images(folder, images_needed, s.image_size)
-        return str(folder)
+        return data_path or str(make_set(scratch / "images", images_needed))
 
     for workers in s.workers:
         rows.append((f"data {workers}", lambda w=workers: benchmark.main([
             "--mode", "data", "--dataset", "imagefolder", "--data_path", data_folder(), "--model", s.model,
             "--batch_size", str(s.data_batch_size), "--num_workers", str(w), "--batches", str(BATCHES_PER_WORKER * w),
+            "--rounds", str(s.data_rounds),
             *(["--input_size", str(s.input_size)] if s.input_size else [])])))
     rows.append(("bf16, MI-MAE vs MAE", lambda: benchmark.main(train_argv(
         s, device, "--precision", "bf16", "--model", s.mi_model, "--batch_size", str(s.mi_batch_size),
@@ -318,17 +288,20 @@ def _mfu(results: dict, model: str, precision: str, img_per_s: float) -> str:
 def data_table(runner: Runner, s: Settings, source: str) -> list[str]:
     size = s.input_size or 224
     lines = [f"Data pipeline (`tools/benchmark.py --mode data`): `{s.model}` transform at {size} px (random resized crop "
-             f"0.2-1, bicubic, flip) with mask noise, batch {s.data_batch_size}, {BATCHES_PER_WORKER} batches per worker "
-             f"timed after the first; images: {source}.", "",
-             "| workers | images/s | per worker | epoch start-up |", "|---|---|---|---|"]
+             f"0.2-1, bicubic, flip), ours (`--data_pipeline fast`, with mask noise) against the official one "
+             f"(ImageFolder, PIL, ToTensor, Normalize), batch {s.data_batch_size}, {BATCHES_PER_WORKER} batches per worker "
+             f"timed after the first, median of {s.data_rounds} interleaved rounds; images: {source}.", "",
+             "| workers | ours images/s | per worker | official images/s | per worker | ours / official | start-up (ours, official) |",
+             "|---|---|---|---|---|---|---|"]
     for workers in s.workers:
         name = f"data {workers}"
-        if name in runner.results:
-            (result,) = runner.results[name]
-            lines.append(f"| {workers} | {result['img_per_s']:,.0f} | {result['img_per_s_per_worker']:,.0f} | "
-                         f"{result['epoch_startup_s']:.2f} s |")
+        if name in runner.results and len(runner.results[name]) == 2:
+            ours, official = runner.results[name]
+            lines.append(f"| {workers} | {ours['img_per_s']:,.0f} | {ours['img_per_s_per_worker']:,.0f} | "
+                         f"{official['img_per_s']:,.0f} | {official['img_per_s_per_worker']:,.0f} | "
+                         f"{ours['vs_official']:.2f}x | {ours['epoch_startup_s']:.2f} s, {official['epoch_startup_s']:.2f} s |")
         else:
-            lines.append(f"| {workers} | {runner.outcomes.get(name, 'not run')} | - | - |")
+            lines.append(f"| {workers} | {runner.outcomes.get(name, 'not run')} | - | - | - | - | - |")
     return lines
 
 
@@ -378,8 +351,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             runner.run(name, fn)
     device_name = benchmark.device_name(device)
     source = (f"`{args.data_path}`" if args.data_path else
-              f"{(BATCHES_PER_WORKER * max(settings.workers) + 1) * settings.data_batch_size:,} synthetic JPEGs of about "
-              f"{settings.image_size[0]} x {settings.image_size[1]} made by the check (DATA= for real ones)")
+              f"{(BATCHES_PER_WORKER * max(settings.workers) + 1) * settings.data_batch_size:,} ImageNet-sized JPEGs "
+              f"made by tools/make_benchmark_jpegs.py (DATA= for real ones)")
     title = "dry run on the CPU, tiny settings: the shape, not figures" if dry else device_name
     print("\n".join([f"## GPU check: {title}", "", *gpu_table(runner, settings, device_name), "",
                      *data_table(runner, settings, source), "", *targets(runner, settings)]))

@@ -47,17 +47,32 @@ class BadImageError(OSError):
         super().__init__(message)
         self.path, self.reason = path, reason
 
+    @classmethod
+    def for_file(cls, path: str, err: BaseException) -> "BadImageError":
+        return cls(f"cannot read image {path}: {err}. Delete or replace the file, or pre-train with "
+                   f"--skip_bad_images to use another sample in its place", path, str(err))
 
-def _load_rgb(path: str) -> Image.Image:
-    """ImageFolder's loader: a module-level function (unlike a lambda) pickles into spawned workers.
+
+def load_rgb(path: str, source=None) -> Image.Image:
+    """ImageFolder's loader: a module-level function (unlike a lambda) pickles into spawned workers. `source` (a
+    file object) is read instead of `path`, which still names the file in errors.
 
     Decoding happens here (convert), so a bad file fails at its first read with a BadImageError naming it."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path if source is None else source) as img:
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise BadImageError(f"cannot read image {path}: {err}. Delete or replace the file, or pre-train with "
-                            f"--skip_bad_images to use another sample in its place", path, str(err)) from err
+        raise BadImageError.for_file(path, err) from err
+
+
+def loader_for(transform: Transform) -> Callable[[str], object]:
+    """The file loader a transform wants: the file's bytes for one that decodes them itself (--data_pipeline fast,
+    util/fast_augment.py), else the decoded RGB PIL image."""
+    if getattr(transform, "reads_encoded", False):
+        from util.fast_augment import read_encoded
+
+        return read_encoded
+    return load_rgb
 
 
 class UnlabeledImageFolder(Dataset):
@@ -75,7 +90,7 @@ class UnlabeledImageFolder(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int):
-        img = _load_rgb(str(self.files[index]))
+        img = loader_for(self.transform)(str(self.files[index]))
         return (self.transform(img) if self.transform else img), -1
 
 
@@ -164,7 +179,7 @@ class LabelledImageFiles(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        img = _load_rgb(str(path))
+        img = loader_for(self.transform)(str(path))
         return (self.transform(img) if self.transform else img), label
 
 
@@ -224,7 +239,7 @@ def _image_folder(root: Path, split: str, transform: Transform) -> Dataset:
     loose_images = any(_is_image(f) for f in folder.iterdir())
     if loose_images or not any(d.is_dir() and any(_is_image(f) for f in d.rglob("*")) for d in folder.iterdir()):
         return UnlabeledImageFolder(folder, transform)
-    dataset = datasets.ImageFolder(str(folder), transform=transform, loader=_load_rgb)
+    dataset = datasets.ImageFolder(str(folder), transform=transform, loader=loader_for(transform))
     dataset.num_classes = len(dataset.classes)
     return dataset
 
@@ -417,10 +432,11 @@ class SeededDataset(Dataset):
         return img, label, torch.rand(self.noise_size, generator=torch.Generator().manual_seed(noise_seed))
 
 
-def build_transform(is_train: bool, input_size: int, kind: str, args=None) -> Callable:
+def build_transform(is_train: bool, input_size: int, kind: str, args=None, fast: bool = False) -> Callable:
     """MAE's transforms for `kind`:
 
-    - "pretrain": random resized crop (scale 0.2-1, bicubic) + flip, MAE's pre-training augmentation;
+    - "pretrain": random resized crop (scale 0.2-1, bicubic) + flip, MAE's pre-training augmentation; with `fast`,
+      the same on uint8 tensors (util/fast_augment.py: uint8 out, normalised on the device);
     - "linprobe": random resized crop (scale 0.08-1) + flip;
     - "finetune": timm's RandAugment, colour jitter and random erasing from `args` (color_jitter, aa, reprob,
       remode, recount).
@@ -431,6 +447,10 @@ def build_transform(is_train: bool, input_size: int, kind: str, args=None) -> Ca
         raise ValueError(f"unknown transform kind {kind!r}; choose one of {', '.join(TRANSFORM_KINDS)}")
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     bicubic = transforms.InterpolationMode.BICUBIC
+    if is_train and kind == "pretrain" and fast:
+        from util.fast_augment import FastRandomResizedCropFlip
+
+        return FastRandomResizedCropFlip(input_size, scale=(0.2, 1.0))
     if is_train and kind in ("pretrain", "linprobe"):
         scale = (0.2, 1.0) if kind == "pretrain" else (0.08, 1.0)
         return transforms.Compose([
@@ -464,8 +484,8 @@ class TrainData:
         self.args = args
 
     def image_transform(self) -> Transform:
-        """What build_dataset applies to each RGB PIL image."""
-        return build_transform(True, self.args.input_size, "pretrain")
+        """What build_dataset applies to each image (MAE's augmentation; uint8 out with --data_pipeline fast)."""
+        return build_transform(True, self.args.input_size, "pretrain", fast=self.args.data_pipeline == "fast")
 
     def wrap(self, images: Dataset) -> Dataset:
         """The training set made from `images`, which yield (image_transform(img), label) in training order."""
