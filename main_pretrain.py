@@ -5,6 +5,7 @@
 """
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,8 +26,9 @@ from util.config import bool_flag, parse_with_config
 from util.datasets import DATASETS, SeededDataset, SkipBadImages, TrainData, build_dataset, build_transform, subset
 from util.dist import all_reduce_sum, cleanup, init_distributed, is_main_process
 from util.knn import extract_features, knn_classify
+from util.memory import count_step_memory, memory_warning
 from util.metrics import NonFiniteStepSkipper
-from util.precision import add_precision_args, autocast_for, grad_scaler_for, resolve_precision
+from util.precision import AMP_DTYPES, add_precision_args, autocast_for, grad_scaler_for, resolve_precision
 from util.registry import add_method_args, create_model, method_for, pretrain_models
 from util.run import (
     append_log,
@@ -205,6 +207,11 @@ def main(args) -> torch.nn.Module:
     loader = make_loader(train_set, info, args, train=True)
 
     task = PretrainTask(model, num_classes if args.online_probe else 0).to(device)
+    if device.type == "cuda":  # say before the first step if it will not fit, and what would
+        memory = count_step_memory(model, args.input_size, AMP_DTYPES.get(args.amp))
+        capacity = torch.cuda.get_device_properties(device).total_memory
+        if warning := memory_warning(memory, args.batch_size, args.grad_checkpointing, capacity):
+            warnings.warn(warning, stacklevel=1)
     set_fused_attn(model, args.fused_attn)
     if args.grad_checkpointing:
         model.set_grad_checkpointing()

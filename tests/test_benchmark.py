@@ -88,6 +88,7 @@ def test_data_mode_times_ours_and_the_official_pipeline(tiny_imagefolder):
     for result in (ours, official):
         assert result["img_per_s"] > 0 and result["epoch_startup_s"] > 0 and result["input_size"] == 32
     assert ours["vs_official"] == pytest.approx(ours["img_per_s"] / official["img_per_s"], rel=0.01)
+    assert official["vs_official"] == 1.0
     loaders, _ = benchmark.data_loaders(benchmark.get_args_parser().parse_args(
         ["--data_path", str(tiny_imagefolder), "--model", "mae_vit_tiny_patch4", "--batch_size", "4", "--batches", "1"]))
     images, labels, noise = next(iter(loaders["ours"]))  # uint8, normalised on the device by the engine
@@ -186,3 +187,13 @@ def test_pretraining_with_unfused_attention_trains_the_same_weights_up_to_roundi
     fused_weights, unfused_weights = trained["true"].state_dict(), trained["false"].state_dict()
     for key in fused_weights:
         torch.testing.assert_close(unfused_weights[key], fused_weights[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_stage_times_cover_both_ways_of_each_stage(tmp_path):
+    from tools.make_benchmark_jpegs import make_set
+
+    folder = make_set(tmp_path / "jpegs", count=3)
+    *_, stages = benchmark.main(["--mode", "data", "--data_path", str(folder), "--model", "mae_vit_tiny_patch4",
+                                 "--batch_size", "1", "--num_workers", "0", "--batches", "1", "--rounds", "1", "--stages", "3"])
+    assert stages["pipeline"].startswith("stages") and all(stages[k] > 0 for k in (
+        "decode_pil", "decode_torchvision", "resize_pil_bicubic", "resize_torch_uint8_bicubic", "to_tensor_normalize"))

@@ -95,6 +95,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--rounds", default=3, type=int,
                        help="interleaved rounds of ours and the official pipeline (order alternating); medians are reported")
     group.add_argument("--data_pipeline", default="fast", choices=("fast", "pil"), help="ours: as main_pretrain.py --data_pipeline")
+    group.add_argument("--stages", default=0, type=int,
+                       help="also time each stage (decode, crop + resize, to tensor) both ways on this many JPEGs, one thread")
     add_method_args(parser)
     return parser
 
@@ -403,6 +405,53 @@ def time_loader(loader: torch.utils.data.DataLoader, batches: int) -> tuple[floa
     return first, batches * loader.batch_size / seconds
 
 
+def stage_times(files: list[Path], size: int, repeats: int = 3) -> dict[str, float]:
+    """Median ms per image of each stage on one thread, the official way and ours, on the same files and boxes:
+    decode (PIL; torchvision.io's libjpeg-turbo), crop + resize (PIL's bicubic; torch's antialiased bicubic on
+    uint8), to the model's input (ToTensor + Normalize in the worker; a uint8 tensor, normalised on the device)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+    from torchvision.transforms import functional as TF
+
+    from util.fast_augment import decode_rgb, read_encoded
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    bicubic = transforms.InterpolationMode.BICUBIC
+    encoded = [read_encoded(str(f)) for f in files]
+    pils = [Image.open(f).convert("RGB") for f in files]
+    tensors = [decode_rgb(e) for e in encoded]
+    generator = torch.Generator().manual_seed(0)
+    boxes = []
+    for image in pils:
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+        boxes.append(transforms.RandomResizedCrop.get_params(image, [0.2, 1.0], [3 / 4, 4 / 3]))
+    crops = [TF.resized_crop(p, *b, [size, size], bicubic) for p, b in zip(pils, boxes)]
+    normalize = transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    stages = {
+        "decode_pil": lambda i: Image.open(files[i]).convert("RGB"),
+        "decode_torchvision": lambda i: decode_rgb(encoded[i]),
+        "resize_pil_bicubic": lambda i: TF.resized_crop(pils[i], *boxes[i], [size, size], bicubic),
+        "resize_torch_uint8_bicubic": lambda i: torch.nn.functional.interpolate(
+            tensors[i][None, :, boxes[i][0]:boxes[i][0] + boxes[i][2], boxes[i][1]:boxes[i][1] + boxes[i][3]],
+            size=(size, size), mode="bicubic", antialias=True),
+        "to_tensor_normalize": lambda i: normalize(TF.to_tensor(crops[i])),
+        "to_uint8_tensor": lambda i: torch.from_numpy(np.array(crops[i])).permute(2, 0, 1).contiguous(),
+    }
+    times = {}
+    for name, stage in stages.items():
+        rounds = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            for index in range(len(files)):
+                stage(index)
+            rounds.append((time.perf_counter() - begin) / len(files) * 1e3)
+        times[name] = round(statistics.median(rounds), 3)
+    torch.set_num_threads(threads)
+    return times
+
+
 def run_data(config: argparse.Namespace) -> list[dict]:
     """Decoded and augmented images/s of ours and of the official pipeline, in --rounds interleaved rounds (the
     order alternating), medians reported; with an image folder without class folders, ours alone.
@@ -427,17 +476,31 @@ def run_data(config: argparse.Namespace) -> list[dict]:
                         "rounds": config.rounds, "device": "cpu"})
     if len(results) == 2:
         results[0]["vs_official"] = round(results[0]["img_per_s"] / results[1]["img_per_s"], 2)
+        results[1]["vs_official"] = 1.0
+    if config.stages:
+        files = sorted(p for p in Path(config.data_path).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[:config.stages]
+        if not files:
+            raise SystemExit(f"error: --stages times JPEG decoding, but --data_path {config.data_path} holds no .jpg files")
+        results.append({"mode": "data", "pipeline": f"stages, ms per image (1 thread, {len(files)} JPEGs)",
+                        **stage_times(files, size)})
     return results
 
 
 def print_table(results: list[dict]) -> None:
     columns = ["model", "batch_size", "input_size", "precision", "img_per_s", "mfu", "peak_mem_mb", "step_mem_mb", "masking_ms",
                "compile", "fused_attn", "adamw", "grad_checkpointing", "host_sync", "noise", "tf32"]
-    columns = [c for c in columns if c in results[0]] if "mode" not in results[0] else list(results[0])
+    if "mode" in results[0]:  # data rows: one table per kind of row (pipelines, stage times)
+        kinds = {tuple(result): [r for r in results if tuple(r) == tuple(result)] for result in results}
+        for keys, rows in kinds.items():
+            print(" | ".join(keys))
+            for row in rows:
+                print(" | ".join(str(row[k]) for k in keys))
+        return
+    columns = [c for c in columns if c in results[0]]
     print(" | ".join(columns))
     for result in results:
         print(" | ".join(str(result.get(c)) for c in columns))
-    if len(results) == 2 and "mode" not in results[0]:
+    if len(results) == 2:
         print(f"B/A images/s: {results[1]['img_per_s'] / results[0]['img_per_s']:.3f}")
 
 
