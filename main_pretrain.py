@@ -96,7 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "uint8 (PIL's kernel), uint8 batches normalised on the device: the same box and flip draws, "
                             "pixels within 16 levels of pil (99.9%% within 2, PSNR >= 50 dB), several times its images/s per worker "
                             "(docs/PERFORMANCE.md); pil: MAE's PIL transform with ToTensor and Normalize in the workers. "
-                            "CMAE's two ContrastiveCrop views always take the PIL path")
+                            "CMAE's two ContrastiveCrop views and the in-memory sets (fashion_mnist, cifar10/100) always take the PIL path")
     group.add_argument("--skip_bad_images", default=False, type=bool_flag,
                        help="replace each corrupt, truncated or empty image file by the next readable sample (the epoch keeps "
                             "its length; each file is reported once, log.txt counts replacements as bad_images_replaced); "
