@@ -13,6 +13,7 @@ scale=(0.2, 1), bicubic), RandomHorizontalFlip, ToTensor, Normalize. Here:
   `normalize_on_device` turns the batch into ToTensor + Normalize's float32 values once it is on the device.
 Pixels match the reference within the bound that tests/test_fast_augment.py checks.
 """
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -95,7 +96,12 @@ def normalize_on_device(imgs: torch.Tensor, mean, std) -> torch.Tensor:
     (x - mean) / std); a float batch passes through."""
     if imgs.dtype != torch.uint8:
         return imgs
-    mean = torch.tensor(mean, dtype=torch.float32, device=imgs.device).view(3, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32, device=imgs.device).view(3, 1, 1)
+    mean, std = _channel_stats(tuple(mean), tuple(std), imgs.device)
     return imgs.float().div_(255).sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=8)
+def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 1, 1) mean and std on `device`, made once: a copy to the GPU at every step would block the host."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1) for v in (mean, std))
 
