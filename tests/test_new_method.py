@@ -7,11 +7,23 @@ import pytest
 from conftest import run_script
 
 import main_pretrain
+from util import registry
 from util.config import parse_with_config
 from util.registry import method_for, register_module
 
-sys.path.insert(0, str(Path(__file__).parent))
-register_module("toy_method")
+
+@pytest.fixture(autouse=True, scope="module")
+def toy_registered():
+    """Register the toy method for this file's tests only: the other tests see the registry as shipped."""
+    state = (registry._MODELS, registry._METHODS, registry._REGISTERED, registry.MODEL_MODULES)
+    saved = [container.copy() for container in state]
+    sys.path.insert(0, str(Path(__file__).parent))
+    register_module("toy_method")
+    yield
+    sys.path.remove(str(Path(__file__).parent))
+    for container, before in zip(state, saved):
+        container.clear()
+        container.update(before) if isinstance(container, (dict, set)) else container.extend(before)
 
 
 def test_its_knob_is_a_flag_a_preset_key_and_a_model_argument(tmp_path, capsys):
