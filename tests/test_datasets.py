@@ -319,3 +319,27 @@ def test_subset_is_fixed_and_keeps_num_classes(tmp_path):
     a, b = subset(dataset, 5, seed=1), subset(dataset, 5, seed=1)
     assert a.indices == b.indices and len(set(a.indices)) == 5 and a.num_classes == 0
     assert subset(dataset, 0, seed=1) is dataset and subset(dataset, 100, seed=1) is dataset
+
+
+def test_finetune_randaugment_survives_zero_bit_posterize():
+    """MAE's RandAugment keeps 0 bits when posterize is drawn at level 10 (the magnitude noise reaches it); Pillow
+    >= 11 refuses 0 bits, so the fine-tuning transform crashed. Now 0 bits give a black image, as PIL once did,
+    and other levels are timm's posterize unchanged."""
+    from PIL import ImageOps
+    from timm.data.auto_augment import RandAugment
+
+    from util.datasets import posterize_keeping_zero_bits
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8))
+    assert np.array(posterize_keeping_zero_bits(image, 0)).max() == 0
+    assert np.array_equal(np.array(posterize_keeping_zero_bits(image, 2)), np.array(ImageOps.posterize(image, 2)))
+    # magnitude 10 without noise: every posterize drawn keeps 0 bits; 8 operations per image draw it often
+    args = argparse.Namespace(color_jitter=None, aa="rand-m10-n8-mstd0-inc1", reprob=0.0, remode="pixel", recount=1)
+    transform = build_transform(True, 32, "finetune", args)
+    randaugment = next(t for t in transform.transforms if isinstance(t, RandAugment))
+    posterizes = [op for op in randaugment.ops if op.name == "PosterizeIncreasing"]
+    assert posterizes and all(op.aug_fn is posterize_keeping_zero_bits for op in posterizes)
+    random.seed(0)
+    np.random.seed(0)
+    for _ in range(50):
+        assert transform(image).shape == (3, 32, 32)

@@ -432,6 +432,28 @@ class SeededDataset(Dataset):
         return img, label, torch.rand(self.noise_size, generator=torch.Generator().manual_seed(noise_seed))
 
 
+def posterize_keeping_zero_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, where 0 bits kept gives a black image, as PIL gave before Pillow 11 refused 0 bits.
+    MAE's RandAugment ('rand-m9-mstd0.5-inc1') keeps 4 - int(level x 0.4) bits, so 0 at level 10, which the
+    magnitude noise reaches in a few images per thousand: with Pillow 13 fine-tuning crashed in its first epoch."""
+    from timm.data.auto_augment import posterize
+
+    return Image.new(img.mode, img.size) if bits_to_keep <= 0 else posterize(img, bits_to_keep)
+
+
+def with_zero_bit_posterize(transform: Callable) -> Callable:
+    """`transform` (timm's training Compose) with posterize_keeping_zero_bits in its RandAugment, AutoAugment or
+    AugMix operations."""
+    from timm.data.auto_augment import posterize
+
+    for step in getattr(transform, "transforms", [transform]):
+        operations = [*getattr(step, "ops", []), *(op for policy in getattr(step, "policy", []) for op in policy)]
+        for operation in operations:
+            if getattr(operation, "aug_fn", None) is posterize:
+                operation.aug_fn = posterize_keeping_zero_bits
+    return transform
+
+
 def build_transform(is_train: bool, input_size: int, kind: str, args=None, fast: bool = False) -> Callable:
     """MAE's transforms for `kind`:
 
@@ -461,10 +483,10 @@ def build_transform(is_train: bool, input_size: int, kind: str, args=None, fast:
             raise ValueError("the finetune training transform needs args (color_jitter, aa, reprob, remode, recount)")
         from timm.data import create_transform
 
-        return create_transform(
+        return with_zero_bit_posterize(create_transform(
             input_size=input_size, is_training=True, color_jitter=args.color_jitter, auto_augment=args.aa or None,
             interpolation="bicubic", re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            mean=IMAGENET_MEAN, std=IMAGENET_STD))
     if input_size >= 224:
         resize = [transforms.Resize(int(input_size / 0.875), interpolation=bicubic), transforms.CenterCrop(input_size)]
     else:
