@@ -143,6 +143,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     group.add_argument("--resume", default="", help="checkpoint to resume from (default: output_dir/checkpoint-last.pth)")
     group.add_argument("--auto_resume", default=True, type=bool_flag, help="resume from output_dir/checkpoint-last.pth when it exists")
     group.add_argument("--save_freq", default=0, type=int, help="keep checkpoint-<epoch>.pth every N epochs (0: only the last)")
+    group.add_argument("--eval_freq", default=1, type=int,
+                       help="evaluate on the val split every N epochs and after the last: on a CPU the 10,000 test "
+                            "images of a small data set can cost more than a short epoch of training")
     group.add_argument("--eval", action="store_true", help="only evaluate --resume (or --finetune) on the val split")
     group.add_argument("--print_freq", default=20, type=int, help="steps between console lines (the only host syncs inside an epoch)")
     group.add_argument("--dist_timeout", default=1800, type=int, help="seconds before a collective waiting on a dead rank fails")
@@ -159,6 +162,8 @@ def validate_common_args(args, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--resume: no such file: {args.resume}")
     if not 0.0 < args.label_fraction <= 1.0:
         parser.error(f"--label_fraction must lie in (0, 1] (1: every training image), got {args.label_fraction}")
+    if args.eval_freq < 1:
+        parser.error(f"--eval_freq must be >= 1 (epochs between evaluations; the last epoch is always evaluated), got {args.eval_freq}")
     if args.label_fraction < 1.0 and args.subset_size > 0:
         parser.error(f"--label_fraction {args.label_fraction} and --subset_size {args.subset_size} both choose the "
                      f"training images; set one (--label_fraction alone takes its fraction of every class of the "
@@ -197,8 +202,10 @@ def build_vit(args, num_classes: int, **kwargs) -> nn.Module:
 
 
 def fit(args, info: DistInfo, device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer,
-        criterion: nn.Module, train_loader, val_loader, mixup_fn: Optional[Callable] = None) -> dict:
-    """Resume if possible, then train and evaluate every epoch; returns the last log record."""
+        criterion: nn.Module, train_loader, val_loader, mixup_fn: Optional[Callable] = None,
+        fixed_record: Optional[dict] = None) -> dict:
+    """Resume if possible, then train, evaluating every --eval_freq epochs and after the last; returns the last
+    log record. `fixed_record` (measures taken once, before training) joins every record."""
     scaler = grad_scaler_for(device, args.amp)  # args.amp as resolved by the script
     start_epoch = 0
     run_state = RunState(args, model, optimizer, scaler)
@@ -227,13 +234,16 @@ def fit(args, info: DistInfo, device: torch.device, model: nn.Module, optimizer:
         seed_everything(args.seed + epoch + 1000 * info.rank)  # drop path and mixup: per epoch, per rank
         train_stats = train_one_epoch(train_model, criterion, train_loader, optimizer, device, epoch, scaler, args,
                                       mixup_fn, log_writer)
-        test_stats = evaluate(model, val_loader, device, args.amp)
-        best_acc1 = max(best_acc1, test_stats["acc1"])
-        print(f"accuracy of the network on the val images: {test_stats['acc1']:.2f}% (best {best_acc1:.2f}%)")
+        test_stats = {}
+        if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
+            test_stats = evaluate(model, val_loader, device, args.amp)
+            best_acc1 = max(best_acc1, test_stats["acc1"])
+            print(f"accuracy of the network on the val images: {test_stats['acc1']:.2f}% (best {best_acc1:.2f}%)")
         record = {"epoch": epoch, "train_images": len(train_loader.dataset),  # the images trained on, all ranks
-                  **{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in test_stats.items()}}
+                  **{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in test_stats.items()},
+                  **(fixed_record or {})}
         if log_writer is not None:
-            for name in ("acc1", "acc5", "loss"):
+            for name in test_stats.keys() & {"acc1", "acc5", "loss"}:
                 log_writer.add_scalar(f"perf/test_{name}", test_stats[name], epoch)
             log_writer.flush()
         append_log(args.output_dir, record)  # before the checkpoint: see main_pretrain.py

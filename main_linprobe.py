@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 
 from util.config import bool_flag, parse_with_config
 from util.datasets import SeededDataset, build_dataset, build_transform
+from util.knn import knn_classify
 from util.dist import cleanup, init_distributed
 from engine_finetune import add_common_args, build_vit, fit, training_images, validate_common_args
 from util.precision import autocast_for, resolve_precision
@@ -30,6 +31,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("probing")
     group.add_argument("--cached_features", default=False, type=bool_flag,
                        help="extract frozen features once (no augmentation) and train the head on them")
+    group.add_argument("--knn_k", default=20, type=int,
+                       help="with --cached_features: also the weighted k-NN top-1 (DINO's, T 0.07) of the val features "
+                            "against the training features, logged as test_knn_acc1 (0: off); label-free features "
+                            "judged without a trained head, on the probe's own images")
     return parser
 
 
@@ -99,8 +104,16 @@ def main(args) -> None:
         val_loader = make_loader(val_set, info, args, train=False)
     print(f"trainable parameters: {sum(p.numel() for p in probe_model.parameters() if p.requires_grad)}")
 
+    fixed_record = {}
+    if args.cached_features and args.knn_k > 0:
+        train_x, train_y = train_feats.tensors
+        val_x, val_y = val_feats.tensors
+        predicted = knn_classify(train_x, train_y, val_x, args.knn_k, num_classes=num_classes)
+        fixed_record["test_knn_acc1"] = (predicted == val_y).float().mean().item() * 100
+        print(f"k-NN top-1 (k={args.knn_k}) of the frozen features: {fixed_record['test_knn_acc1']:.2f}%")
     optimizer = build_lars(head, args)
-    record = fit(args, info, device, probe_model, optimizer, nn.CrossEntropyLoss(), train_loader, val_loader)
+    record = fit(args, info, device, probe_model, optimizer, nn.CrossEntropyLoss(), train_loader, val_loader,
+                 fixed_record=fixed_record)
     if record:
         print(f"linear probe: top-1 {record.get('test_acc1', float('nan')):.2f}%  top-5 {record.get('test_acc5', float('nan')):.2f}%")
     cleanup()
@@ -110,4 +123,6 @@ if __name__ == "__main__":
     parser = get_args_parser()
     args = parse_with_config(parser)
     validate_common_args(args, parser)
+    if args.knn_k < 0:
+        parser.error(f"--knn_k must be >= 0 (neighbours voting; 0: no k-NN), got {args.knn_k}")
     main(args)

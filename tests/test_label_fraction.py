@@ -130,6 +130,7 @@ def test_labels_are_read_without_decoding_and_match_the_samples(tiny_imagefolder
     (["--label_fraction", "0"], "--label_fraction must lie in (0, 1] (1: every training image), got 0.0"),
     (["--label_fraction", "1.5"], "--label_fraction must lie in (0, 1] (1: every training image), got 1.5"),
     (["--label_fraction", "0.01", "--subset_size", "100"], "--label_fraction 0.01 and --subset_size 100 both choose"),
+    (["--eval_freq", "0"], "--eval_freq must be >= 1 (epochs between evaluations; the last epoch is always evaluated), got 0"),
 ])
 def test_flag_values_refused_before_any_work(module, flags, expected, tiny_imagefolder, capsys):
     parser = module.get_args_parser()

@@ -147,7 +147,8 @@ def test_finetune_and_linprobe_from_the_pretrained_checkpoint(straight_run, tiny
     common = ["--data_path", str(tiny_imagefolder), "--input_size", "32", "--model", "vit_tiny_patch4",
               "--finetune", str(straight_run / "checkpoint-last.pth"), "--num_workers", "0", "--epochs", "2",
               "--warmup_epochs", "1", "--batch_size", "8", "--amp", "none"]
-    run_script(["main_finetune.py", *common, "--output_dir", str(tmp_path / "ft"), "--mixup", "0.8", "--cutmix", "1.0"])
+    run_script(["main_finetune.py", *common, "--output_dir", str(tmp_path / "ft"), "--mixup", "0.8", "--cutmix", "1.0",
+                "--eval_freq", "2"])
     for variant, flags in (("probe", []), ("probe_cached", ["--cached_features", "true"])):
         result = run_script(["main_linprobe.py", *common, "--output_dir", str(tmp_path / variant), *flags])
         assert "linear probe: top-1" in result.stdout
@@ -155,6 +156,11 @@ def test_finetune_and_linprobe_from_the_pretrained_checkpoint(straight_run, tiny
         log = read_log(tmp_path / folder)
         assert [r["epoch"] for r in log] == [0, 1]
         assert 0.0 <= log[-1]["test_acc1"] <= log[-1]["test_acc5"] <= 100.0
+    assert "test_acc1" not in read_log(tmp_path / "ft")[0]  # --eval_freq 2: epoch 0 is not evaluated, the last is
+    assert "test_acc1" in read_log(tmp_path / "probe")[0]
+    # the cached probe also logs the k-NN of its frozen features, measured once before training
+    knn = [r["test_knn_acc1"] for r in read_log(tmp_path / "probe_cached")]
+    assert knn[0] == knn[1] and 0.0 <= knn[0] <= 100.0 and "test_knn_acc1" not in read_log(tmp_path / "probe")[0]
     # the probe trains only the head: the encoder in its checkpoint equals the pre-trained one
     probe = weights(tmp_path / "probe" / "checkpoint-last.pth")
     pretrained = weights(straight_run / "checkpoint-last.pth")
