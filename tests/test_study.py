@@ -1,35 +1,46 @@
-"""tools/study.py end to end at a micro size: both budgets, the runs it plans, and equal compute in the table."""
-import argparse
-
+"""tools/study.py end to end at a micro size: the runs it plans for both budgets, every column, and the table."""
 from tools import study
 
 
 def test_budgets_plan_equal_compute():
-    args = argparse.Namespace(methods=["mae", "mi_mae", "mae4", "cmae"], epochs=3, budgets=["epochs", "compute"])
-    assert study.planned_runs(args) == [("mae", 3), ("mae", 12), ("mi_mae", 3), ("mae4", 3), ("cmae", 3), ("cmae", 6)]
-    args.budgets = ["compute"]
-    assert study.planned_runs(args) == [("mae", 12), ("mi_mae", 3), ("mae4", 3), ("cmae", 6)]
+    rows = ["random", "mae", "mi_mae", "mae4", "cmae", "n2"]
+    assert study.planned_runs(rows, 3, ["epochs", "compute"]) == [
+        ("random", 0), ("mae", 3), ("mae", 12), ("mi_mae", 3), ("mae4", 3), ("cmae", 3), ("cmae", 6), ("n2", 3), ("n2", 6)]
+    assert study.planned_runs(rows, 3, ["compute"]) == [("random", 0), ("mae", 12), ("mi_mae", 3), ("mae4", 3), ("cmae", 6), ("n2", 6)]
 
 
-def test_micro_study_runs_and_tabulates(tiny_imagefolder, tmp_path):
+def test_every_row_has_a_preset_and_every_table_row_is_known():
+    for row, (_, preset, _) in study.ROWS.items():
+        assert preset is None or (study.ROOT / preset).is_file(), row
+    assert {row for sections in study.TABLES.values() for _, rows in sections for row in rows} <= set(study.ROWS)
+
+
+def test_micro_study_runs_every_column_and_tabulates(tiny_imagefolder, tmp_path):
     out = tmp_path / "study"
-    text = study.main(["--data_path", str(tiny_imagefolder), "--output_dir", str(out), "--methods", "mae", "mae4",
-                       "--seeds", "0", "--epochs", "1", "--subset_size", "16", "--batch_size", "8", "--probe_images", "16",
-                       "--probe_epochs", "1", "--knn_max_train", "16", "--warmup_epochs", "0", "--device", "cpu",
-                       "--num_workers", "0"])
+    flags = ["--plan", "fmnist", "--dataset", "imagefolder", "--data_path", str(tiny_imagefolder), "--output_dir", str(out), "--rows", "random", "mae",
+             "--seeds", "0", "--epochs", "1", "--subset_size", "16", "--sequences_per_step", "8",
+             "--probe_images", "16", "--probe_epochs", "1", "--probe_batch_size", "8", "--ft_batch_size", "8", "--label_fraction", "0.5", "--ft1_epochs", "1", "--ft_epochs", "1",
+             "--warmup_epochs", "1", "--device", "cpu", "--num_workers", "0"]
+    text = study.main(flags)
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if line.startswith("| MAE"):
-            rows.setdefault((cells[0], cells[2]), []).append(cells)
-    # k-NN and linear probe rows for MAE at 1 and 4 epochs and the control at 1 epoch
-    assert sorted(rows) == [("MAE", "1"), ("MAE", "4"), ("MAE x 4 (no MI)", "1")]
-    assert all(len(v) == 2 for v in rows.values())
-    # equal compute: MAE's 4 epochs see as many masked sequences as the control's 1 (16 images x 4 masks)
-    assert rows[("MAE", "4")][0][4] == rows[("MAE x 4 (no MI)", "1")][0][4] == "64"
-    assert rows[("MAE", "1")][0][4] == "16"
-    assert len((out / "commands.txt").read_text().splitlines()) == 6
+        if line.startswith("| ") and cells[0] in ("random init", "MAE"):
+            rows.setdefault(cells[0], []).append(cells)
+    # one line per budget; MAE at equal compute trains 4 x the epochs (as many masked sequences as MI-MAE's 4)
+    assert [r[1] for r in rows["MAE"]] == ["1", "4"] and [r[1] for r in rows["random init"]] == ["0", "0"]
+    # every column filled: k-NN, LIN, FT1%, FT, and the seed's values
+    for cells in rows["MAE"] + rows["random init"]:
+        assert all(c.endswith("(1 seed)") for c in cells[2:6]), cells
+        values = [float(v) for v in cells[6].removeprefix("s0: ").split(" / ")]
+        assert [f"{v:.2f} (1 seed)" for v in values] == cells[2:6] and all(0 <= v <= 100 for v in values)
+    # random init: 3 evaluations; MAE at 1 and 4 epochs: 1 pre-training + 3 evaluations each
+    assert len((out / "commands.txt").read_text().splitlines()) == 3 + 2 * 4
     # a second call finds every stage finished and runs nothing
-    study.main(["--data_path", str(tiny_imagefolder), "--output_dir", str(out), "--methods", "mae", "mae4", "--seeds", "0",
-                "--epochs", "1", "--subset_size", "16", "--batch_size", "8", "--probe_epochs", "1", "--device", "cpu"])
-    assert len((out / "commands.txt").read_text().splitlines()) == 6
+    study.main(flags)
+    assert len((out / "commands.txt").read_text().splitlines()) == 3 + 2 * 4
+
+
+def test_cells_give_mean_sample_std_and_the_seed_count():
+    assert study.cell([70.0, 72.0, 74.0]) == "72.00 ± 2.00"
+    assert study.cell([70.0]) == "70.00 (1 seed)" and study.cell([]) == "–"

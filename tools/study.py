@@ -1,22 +1,33 @@
-"""The small-scale study: MAE, MI-MAE, the compute-matched MAE x 4 control, U-MAE, M-MAE and CMAE on the
-CIFAR-10 JPEG copy at 32 px, same ViT (vit_tiny_patch4), seeds and evaluation (k-NN and linear probe on the
-10,000 test images), under two budgets:
+"""The small-scale reproduction of the MI-MAE paper's Table 1 and ablation tables, in shape (issue 16).
 
-  - equal epochs: every method trains --epochs epochs on the same images;
-  - equal compute: every method processes as many masked sequences as MI-MAE (4 per image) in --epochs
-    epochs, so MAE, U-MAE and M-MAE (1 per image) train 4 x --epochs epochs and CMAE (2 views) 2 x.
-    MI-MAE and the control are the same runs in both budgets.
+Rows. Table 1: random init, MAE, MAE x 4 (no MI), MI-MAE, U-MAE, M-MAE, CMAE. The ablations, all MI-MAE: the
+number of masks N, the loss terms, lambda3 (--w_min), orthogonal or independent masks, the InfoNCE tau, CLUB
+at the patch or mask level, the lambda readings A and B. Every row is a preset (its method's knobs); the plan's
+flags set the data and the budget, the same for every row.
 
-    python tools/study.py --data_path ../shared/data/cifar10-jpg.tar.gz --size smoke   # CPU, reduced
-    python tools/study.py --data_path ../shared/data/cifar10-jpg.tar.gz --size full    # one GPU
+Columns, every one an ordinary command of this codebase on the plan's test split:
+  - k-NN and LIN: one cached linear probe (main_linprobe.py): the k-NN top-1 of its frozen features, then its
+    trained linear head, on --probe_images class-mixed training images;
+  - FT1%: main_finetune.py --label_fraction 0.01, class-balanced, the same images for every row of a seed;
+  - FT: main_finetune.py on every label of the pre-training images (the paper fine-tunes on the labelled
+    pre-training set: at this scale, the plan's --subset_size images), a short schedule.
 
-Each stage is an ordinary command of this codebase (printed, and listed in OUTPUT/commands.txt with its
-wall-clock); finished stages are skipped, so an interrupted study continues where it stopped. The end writes
-OUTPUT/tables.md and OUTPUT/plots/ through tools/make_tables.py.
+Budgets. Equal epochs: every row trains --epochs. Equal compute: every row sees as many masked sequences as
+MI-MAE's 4 per image, so the one-sequence rows train 4 x --epochs and CMAE (two views) 2 x; warm-up scales with
+the epochs. Every step holds --sequences_per_step masked sequences at one lr (--lr), so the step counts match too.
+
+    python tools/study.py --plan fmnist --table table1 --seeds 0 1 2        # CPU
+    python tools/study.py --plan fmnist --table ablations --seeds 0 1 2     # CPU
+    python tools/study.py --plan cifar10_full --data_path ../shared/data/cifar10-jpg.tar.gz --table table1  # GPU
+
+Each stage is printed before it runs and listed in OUTPUT/commands.txt with its wall-clock; finished stages are
+skipped, so a study goes on where it stopped, over as many sittings as it takes. The end writes OUTPUT/tables.md:
+per row and column the mean +- std over the seeds and every seed's value.
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -24,54 +35,94 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+MI = "configs/mi_mae/pretrain_vit_tiny_fmnist"  # MI-MAE's small rows; the plan's flags set the data set
 
-from tools import make_tables  # noqa: E402
-
-# method -> (pre-training preset, masked sequences per image)
-METHODS = {
-    "mae": ("configs/mae/pretrain_vit_tiny_cifar10.yaml", 1),
-    "mi_mae": ("configs/mi_mae/pretrain_vit_tiny_cifar10.yaml", 4),
-    "mae4": ("configs/mi_mae/pretrain_vit_tiny_cifar10_mae4.yaml", 4),
-    "u_mae": ("configs/m_mae/pretrain_u_mae_vit_tiny_cifar10.yaml", 1),
-    "m_mae": ("configs/m_mae/pretrain_m_mae_vit_tiny_cifar10.yaml", 1),
-    "cmae": ("configs/cmae/pretrain_cmae_vit_tiny_cifar10.yaml", 2),
+# row -> (label, pre-training preset (None: the random-init encoder), masked sequences per image)
+ROWS = {
+    "random": ("random init", None, 0),
+    "mae": ("MAE", "configs/mae/pretrain_vit_tiny_cifar10.yaml", 1),
+    "mae4": ("MAE x 4 (no MI)", f"{MI}_mae4.yaml", 4),
+    "mi_mae": ("MI-MAE", f"{MI}.yaml", 4),
+    "u_mae": ("U-MAE", "configs/m_mae/pretrain_u_mae_vit_tiny_cifar10.yaml", 1),
+    "m_mae": ("M-MAE", "configs/m_mae/pretrain_m_mae_vit_tiny_cifar10.yaml", 1),
+    "cmae": ("CMAE", "configs/cmae/pretrain_cmae_vit_tiny_cifar10.yaml", 2),
+    "n1": ("N = 1 (MAE in MI-MAE's code)", f"{MI}_mae_n1.yaml", 1),
+    "n2": ("N = 2", f"{MI}_n2.yaml", 2),
+    "n3": ("N = 3", f"{MI}_n3.yaml", 3),
+    "max_only": ("rec x 4 + max-MI", f"{MI}_max_only.yaml", 4),
+    "min_only": ("rec x 4 + min-MI", f"{MI}_min_only.yaml", 4),
+    "w_min0": ("lambda3 = 0", f"{MI}_w_min0.yaml", 4),
+    "w_min1": ("lambda3 = 1", f"{MI}_w_min1.yaml", 4),
+    "w_min100": ("lambda3 = 100", f"{MI}_w_min100.yaml", 4),
+    "independent": ("independent masks", f"{MI}_independent.yaml", 4),
+    "tau0.2": ("tau = 0.2", f"{MI}_tau0.2.yaml", 4),
+    "club_mask": ("CLUB per mask", f"{MI}_club_mask.yaml", 4),
+    "reading_b": ("lambda reading B", f"{MI}_reading_b.yaml", 4),
 }
+# table -> [(section title, rows)]; "mi_mae" is the main row (N 4, both terms, lambda3 10, orthogonal, tau 0.07,
+# CLUB per patch, reading A), so every ablation shares its runs
+TABLES = {
+    "table1": [("Table 1", ["random", "mae", "mae4", "mi_mae", "u_mae", "m_mae", "cmae"])],
+    "ablations": [
+        ("number of masks N", ["n1", "n2", "n3", "mi_mae"]),
+        ("loss terms (N = 4)", ["mae4", "max_only", "min_only", "mi_mae"]),
+        ("lambda3 (--w_min)", ["w_min0", "w_min1", "mi_mae", "w_min100"]),
+        ("mask strategy", ["mi_mae", "independent"]),
+        ("InfoNCE tau", ["mi_mae", "tau0.2"]),
+        ("CLUB level", ["mi_mae", "club_mask"]),
+        ("lambda reading", ["mi_mae", "reading_b"]),
+    ],
+}
+EVALS = {"lin": "k-NN and LIN", "ft1": "FT1%", "ft": "FT"}
+DEFAULT_EVALS = {"table1": ["lin", "ft1", "ft"], "ablations": ["lin"]}
 
-# Defaults per size. smoke: 3 seeds of mae, mi_mae and mae4 in about an hour on 2 CPU cores, given a 2,000-image
-# test split (docs/RESULTS.md: evaluating on all 10,000 test images would cost more than the pre-training).
-# The short budgets need a larger lr than the presets' MAE rule (blr 1.5e-4): lr 1e-3 at batch 64 for all.
-SIZES = {
-    "smoke": dict(methods=["mae", "mi_mae", "mae4"], epochs=2, subset_size=2000, batch_size=64, blr=4e-3,
-                  warmup_epochs=1, probe_images=2000, probe_epochs=30, knn_max_train=2000),
-    "full": dict(methods=list(METHODS), epochs=100, subset_size=0, batch_size=256, blr=1.5e-4,
-                 warmup_epochs=10, probe_images=0, probe_epochs=90, knn_max_train=50000),
+# Budgets. fmnist: the demo's (2,000 images x 3 epochs; MAE probes ~24 points above random init there). lr 1e-3
+# at 64 masked sequences a step for every row: the presets' MAE rule (blr 1.5e-4) is for 400+ epochs.
+PLANS = {
+    "fmnist": dict(dataset="fashion_mnist", data_path="/usr/share/datasets/fashion-mnist", epochs=3, subset_size=2000,
+                   sequences_per_step=64, lr=1e-3, warmup_epochs=1, probe_images=4000, probe_epochs=30,
+                   probe_batch_size=256, ft_batch_size=64, label_fraction=0.01, ft1_epochs=20, ft_epochs=10, ft_lr=2.5e-4),
+    "cifar10_full": dict(dataset="imagefolder", data_path="", epochs=100, subset_size=0, sequences_per_step=256,
+                         lr=6e-4, warmup_epochs=10, probe_images=0, probe_epochs=90,
+                         probe_batch_size=1024, ft_batch_size=256, label_fraction=0.01,
+                         ft1_epochs=50, ft_epochs=50, ft_lr=1e-3),
 }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_path", required=True,
-                        help="CIFAR-10 JPEG copy: the extracted folder (train/, test/) or the .tar.gz, extracted once into OUTPUT/data")
-    parser.add_argument("--output_dir", default=str(ROOT / "study_output"), help="runs, commands.txt, tables.md, plots/")
-    parser.add_argument("--size", default="smoke", choices=list(SIZES), help="default budget: smoke (CPU) or full (GPU)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="default: the size's list")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per method and seed")
-    parser.add_argument("--budgets", nargs="+", choices=["epochs", "compute"], default=["epochs", "compute"],
-                        help="equal epochs, equal compute (masked sequences seen), or both")
-    for key, value in SIZES["smoke"].items():
-        if key != "methods":
-            parser.add_argument(f"--{key}", type=type(value), default=None, help=f"default: the size's (smoke: {value}, full: {SIZES['full'][key]})")
+    parser.add_argument("--plan", default="fmnist", choices=list(PLANS), help="data set and budget (each below can override)")
+    parser.add_argument("--table", default="table1", choices=list(TABLES), help="Table 1 or the ablations")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="default: the table's")
+    parser.add_argument("--evals", nargs="+", choices=list(EVALS), default=None,
+                        help=f"columns to run (default: table1 {DEFAULT_EVALS['table1']}, ablations {DEFAULT_EVALS['ablations']})")
+    parser.add_argument("--budgets", nargs="+", choices=["epochs", "compute"], default=None,
+                        help="equal epochs, equal compute (masked sequences), or both (default: both for table1, epochs for ablations)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per row and seed")
+    parser.add_argument("--output_dir", default=str(ROOT / "study_output"), help="runs, commands.txt, tables.md")
+    parser.add_argument("--data_path", default=None,
+                        help="data set: a folder (imagefolder: train/ + val/ or test/) or, for imagefolder, a .tar.gz extracted once into OUTPUT/data")
+    parser.add_argument("--dataset", default=None, choices=["fashion_mnist", "imagefolder", "cifar10"],
+                        help="default: the plan's (fmnist: fashion_mnist, cifar10_full: imagefolder, the JPEG copy)")
+    for key, value in PLANS["fmnist"].items():
+        if key not in ("dataset", "data_path"):
+            parser.add_argument(f"--{key}", type=type(value), default=None, help=f"default: the plan's (fmnist: {value})")
     parser.add_argument("--device", default="cuda", help="cuda when available, else the CPU")
-    parser.add_argument("--num_workers", default=2, type=int, help="data-loading processes per run")
+    parser.add_argument("--num_workers", default=1, type=int, help="data-loading processes per run")
+    parser.add_argument("--stage", default="all", choices=["all", "run", "report"], help="run the stages, write the tables, or both")
     return parser
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill every unset option from the size's defaults."""
-    for key, value in SIZES[args.size].items():
-        if getattr(args, key) is None:
+    """Fill every unset option from the plan and the table."""
+    for key, value in PLANS[args.plan].items():
+        if getattr(args, key, None) in (None, ""):
             setattr(args, key, value)
+    args.rows = args.rows or list(dict.fromkeys(r for _, rows in TABLES[args.table] for r in rows))
+    args.evals = args.evals or DEFAULT_EVALS[args.table]
+    args.budgets = args.budgets or (["epochs", "compute"] if args.table == "table1" else ["epochs"])
+    if not args.data_path:
+        raise SystemExit(f"--data_path: plan {args.plan} has no default data set; give one")
     return args
 
 
@@ -95,15 +146,19 @@ def dataset_folder(data_path: str, output_dir: Path) -> Path:
     return folders[0]
 
 
-def planned_runs(args: argparse.Namespace) -> list[tuple[str, int]]:
-    """(method, pre-training epochs) pairs: one per method and budget, shared runs listed once."""
-    most = max(METHODS[m][1] for m in args.methods)
+def planned_runs(rows: list[str], epochs: int, budgets: list[str]) -> list[tuple[str, int]]:
+    """(row, pre-training epochs) pairs, shared runs once: equal compute gives every row as many masked sequences
+    as the 4-mask rows' `epochs` epochs (random init: epochs 0, nothing to pre-train)."""
     runs = []
-    for method in args.methods:
-        if "epochs" in args.budgets:
-            runs.append((method, args.epochs))
-        if "compute" in args.budgets:
-            runs.append((method, args.epochs * most // METHODS[method][1]))
+    for row in rows:
+        per_image = ROWS[row][2]
+        if per_image == 0:
+            runs.append((row, 0))
+            continue
+        if "epochs" in budgets:
+            runs.append((row, epochs))
+        if "compute" in budgets:
+            runs.append((row, epochs * 4 // per_image))
     return list(dict.fromkeys(runs))
 
 
@@ -121,38 +176,141 @@ def run(script: str, flags: list[str], commands: Path) -> None:
         f.write(json.dumps({"command": " ".join(command[1:]), "seconds": round(time.time() - start, 1)}) + "\n")
 
 
+def run_folder(out: Path, row: str, epochs: int, seed: int) -> Path:
+    return out / (row if epochs == 0 else f"{row}_{epochs}ep") / f"seed{seed}"
+
+
+def pretrain_flags(args, row: str, epochs: int, seed: int, common: list[str], folder: Path) -> list[str]:
+    per_image = ROWS[row][2]
+    batch = max(1, args.sequences_per_step // per_image)
+    return ["--config", ROWS[row][1], *common, "--seed", str(seed), "--epochs", str(epochs),
+            "--warmup_epochs", str(max(1, round(args.warmup_epochs * epochs / args.epochs))),
+            "--batch_size", str(batch), "--lr", str(args.lr), "--subset_size", str(args.subset_size),
+            "--online_probe", "false", "--knn_freq", "0", "--vis_freq", str(epochs), "--print_freq", "100",
+            "--output_dir", str(folder)]
+
+
+def eval_flags(args, kind: str, seed: int, common: list[str], checkpoint: str, folder: Path) -> tuple[str, list[str]]:
+    """(script, flags) of one evaluation column."""
+    base = [*common, "--model", "vit_tiny_patch4", "--global_pool", "--seed", str(seed), "--finetune", checkpoint,
+            "--print_freq", "1000", "--output_dir", str(folder)]
+    if kind == "lin":
+        # The probe's lr is far above MAE's 0.1: MAE's LARS recipe runs at batch 16384, and the trust ratio makes
+        # the step relative to the weight norm, so it does not rescale with the batch.
+        return "main_linprobe.py", [*base, "--cached_features", "true", "--knn_k", "20", "--epochs", str(args.probe_epochs),
+                                    "--warmup_epochs", str(max(1, args.probe_epochs // 10)), "--batch_size", str(args.probe_batch_size),
+                                    "--blr", "5", "--subset_size", str(args.probe_images)]
+    epochs = args.ft1_epochs if kind == "ft1" else args.ft_epochs
+    images = ["--label_fraction", str(args.label_fraction)] if kind == "ft1" else ["--subset_size", str(args.subset_size)]
+    # MAE's fine-tuning recipe (layer decay, drop path, RandAugment, random erasing) without mixup and cutmix,
+    # which a schedule of a few hundred steps cannot absorb; only the last epoch is evaluated
+    return "main_finetune.py", [*base, *images, "--epochs", str(epochs), "--warmup_epochs", str(max(1, epochs // 10)),
+                                "--batch_size", str(args.ft_batch_size), "--lr", str(args.ft_lr), "--layer_decay", "0.75",
+                                "--drop_path", "0.1", "--mixup", "0", "--cutmix", "0", "--eval_freq", str(epochs)]
+
+
+def run_stages(args, out: Path) -> None:
+    commands = out / "commands.txt"
+    data = dataset_folder(args.data_path, out) if args.dataset == "imagefolder" else Path(args.data_path)
+    common = ["--dataset", args.dataset, "--data_path", str(data), "--input_size", "32", "--device", args.device,
+              "--num_workers", str(args.num_workers)]
+    for seed in args.seeds:  # seed-major: an interrupted study still holds whole comparisons
+        for row, epochs in planned_runs(args.rows, args.epochs, args.budgets):
+            folder = run_folder(out, row, epochs, seed)
+            checkpoint = ""
+            if epochs:
+                if not finished(folder / "pretrain", epochs):
+                    run("main_pretrain.py", pretrain_flags(args, row, epochs, seed, common, folder / "pretrain"), commands)
+                checkpoint = str(folder / "pretrain" / "checkpoint-last.pth")
+            for kind in args.evals:
+                script, flags = eval_flags(args, kind, seed, common, checkpoint, folder / kind)
+                total = int(flags[flags.index("--epochs") + 1])
+                if not finished(folder / kind, total):
+                    run(script, flags, commands)
+
+
+def last_record(folder: Path) -> dict | None:
+    log = folder / "log.txt"
+    if not log.is_file():
+        return None
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else None
+
+
+def stage_minutes(commands: Path) -> dict[str, float]:
+    """Wall-clock minutes per output folder, from commands.txt."""
+    minutes = {}
+    if commands.is_file():
+        for line in commands.read_text().splitlines():
+            entry = json.loads(line)
+            words = entry["command"].split()
+            if "--output_dir" in words:
+                minutes[words[words.index("--output_dir") + 1]] = entry["seconds"] / 60
+    return minutes
+
+
+COLUMNS = [("knn", "k-NN", "lin", "test_knn_acc1"), ("lin", "LIN", "lin", "test_acc1"),
+           ("ft1", "FT1%", "ft1", "test_acc1"), ("ft", "FT", "ft", "test_acc1")]
+
+
+def cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1 seed)"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def report(args, out: Path) -> str:
+    minutes = stage_minutes(out / "commands.txt")
+    budgets = {"epochs": "equal epochs", "compute": "equal compute (masked sequences)"}
+    lines = [f"Plan {args.plan}: {args.dataset}, {args.subset_size or 'all'} pre-training images, {args.epochs} epochs "
+             f"at equal epochs, {args.sequences_per_step} masked sequences a step at lr {args.lr}; seeds {args.seeds}. "
+             "Top-1 % on the test split, mean ± std over seeds, then each seed's value; minutes: the row's stages "
+             "(pre-training + its evaluations), mean over seeds.", ""]
+    for title, rows in TABLES[args.table]:
+        for budget in args.budgets:
+            lines += [f"### {title}, {budgets[budget]}", "",
+                      "| row | epochs | " + " | ".join(name for _, name, _, _ in COLUMNS) + " | per seed (k-NN / LIN / FT1% / FT) | minutes |",
+                      "|---|---|" + "---|" * len(COLUMNS) + "---|---|"]
+            for row in rows:
+                if row not in args.rows:
+                    continue
+                per_image = ROWS[row][2]
+                epochs = 0 if per_image == 0 else args.epochs if budget == "epochs" else args.epochs * 4 // per_image
+                values, seeds_cells, spent = {c: [] for c, *_ in COLUMNS}, [], []
+                for seed in args.seeds:
+                    folder = run_folder(out, row, epochs, seed)
+                    found = []
+                    for column, _, kind, key in COLUMNS:
+                        record = last_record(folder / kind) if kind in args.evals else None
+                        value = None if record is None else record.get(key)
+                        if value is not None:
+                            values[column].append(value)
+                        found.append("–" if value is None else f"{value:.2f}")
+                    seeds_cells.append(f"s{seed}: " + " / ".join(found))
+                    spent.append(sum(m for path, m in minutes.items() if path.startswith(str(folder) + os.sep)))
+                lines.append(f"| {ROWS[row][0]} | {epochs} | " + " | ".join(cell(values[c]) for c, *_ in COLUMNS)
+                             + f" | {'; '.join(seeds_cells)} | {statistics.mean(spent):.1f} |")
+            lines.append("")
+    text = "\n".join(lines)
+    (out / f"tables_{args.table}.md").write_text(text + "\n")
+    print(text)
+    return text
+
+
 def main(argv=None) -> str:
     args = resolve(get_args_parser().parse_args(argv))
-    missing = [m for m in args.methods if not (ROOT / METHODS[m][0]).is_file()]
+    missing = [ROWS[r][1] for r in args.rows if ROWS[r][1] and not (ROOT / ROWS[r][1]).is_file()]
     if missing:
-        raise SystemExit(f"--methods: no preset for {missing} ({[METHODS[m][0] for m in missing]})")
+        raise SystemExit(f"--rows: no preset {missing}")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = dataset_folder(args.data_path, out)
-    commands = out / "commands.txt"
-    common = ["--data_path", str(data), "--input_size", "32", "--device", args.device, "--num_workers", str(args.num_workers)]
-    start = time.time()
-    for seed in args.seeds:  # seed-major: an interrupted study still holds whole comparisons
-        for method, epochs in planned_runs(args):
-            folder = out / f"{method}_{epochs}ep" / f"seed{seed}"
-            if not finished(folder / "pretrain", epochs):
-                run("main_pretrain.py", [
-                    "--config", METHODS[method][0], *common, "--seed", str(seed), "--epochs", str(epochs),
-                    "--warmup_epochs", str(args.warmup_epochs), "--batch_size", str(args.batch_size), "--blr", str(args.blr),
-                    "--subset_size", str(args.subset_size), "--online_probe", "false", "--knn_freq", str(epochs),
-                    "--knn_max_train", str(args.knn_max_train), "--vis_freq", str(epochs), "--print_freq", "100",
-                    "--output_dir", str(folder / "pretrain")], commands)
-            if not finished(folder / "probe", args.probe_epochs):
-                # The probe's lr is far above MAE's 0.1: MAE's LARS recipe runs at batch 16384, and the trust
-                # ratio makes the step relative to the weight norm, so it does not rescale with the batch.
-                run("main_linprobe.py", [
-                    *common, "--model", "vit_tiny_patch4", "--global_pool", "--cached_features", "true", "--seed", str(seed),
-                    "--epochs", str(args.probe_epochs), "--warmup_epochs", str(max(1, args.probe_epochs // 10)),
-                    "--batch_size", "256", "--blr", "5", "--subset_size", str(args.probe_images), "--print_freq", "1000",
-                    "--finetune", str(folder / "pretrain" / "checkpoint-last.pth"), "--output_dir", str(folder / "probe")],
-                    commands)
-    print(f"\nstudy stages done in {time.time() - start:.0f} s; tables:", flush=True)
-    return make_tables.main([str(out), "--output", str(out / "tables.md"), "--plot_dir", str(out / "plots")])
+    if args.stage in ("all", "run"):
+        start = time.time()
+        run_stages(args, out)
+        print(f"\nstudy stages done in {time.time() - start:.0f} s", flush=True)
+    return report(args, out) if args.stage in ("all", "report") else ""
 
 
 if __name__ == "__main__":
