@@ -249,6 +249,14 @@ def stage_minutes(commands: Path) -> dict[str, float]:
     return minutes
 
 
+def row_minutes(folder: Path, evals: list[str], minutes: dict[str, float]) -> float:
+    """A run's pre-training epochs (its log's epoch_time_s, so a pre-training another study ran counts too) plus its
+    evaluations' wall-clock."""
+    log = folder / "pretrain" / "log.txt"
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    return sum(r.get("epoch_time_s", 0.0) for r in records) / 60 + sum(minutes.get(str(folder / kind), 0.0) for kind in evals)
+
+
 COLUMNS = [("knn", "k-NN", "lin", "test_knn_acc1"), ("lin", "LIN", "lin", "test_acc1"),
            ("ft1", "FT1%", "ft1", "test_acc1"), ("ft", "FT", "ft", "test_acc1")]
 
@@ -289,7 +297,7 @@ def report(args, out: Path) -> str:
                             values[column].append(value)
                         found.append("–" if value is None else f"{value:.2f}")
                     seeds_cells.append(f"s{seed}: " + " / ".join(found))
-                    spent.append(sum(m for path, m in minutes.items() if path.startswith(str(folder) + os.sep)))
+                    spent.append(row_minutes(folder, args.evals, minutes))
                 lines.append(f"| {ROWS[row][0]} | {epochs} | " + " | ".join(cell(values[c]) for c, *_ in COLUMNS)
                              + f" | {'; '.join(seeds_cells)} | {statistics.mean(spent):.1f} |")
             lines.append("")
