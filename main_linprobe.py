@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from util.config import bool_flag, parse_with_config
 from util.datasets import SeededDataset, build_dataset, build_transform
 from util.knn import knn_classify
-from util.dist import cleanup, init_distributed
+from util.dist import cleanup, gather_shards, init_distributed
 from engine_finetune import add_common_args, build_vit, fit, training_images, validate_common_args
 from util.precision import autocast_for, resolve_precision
 from util.run import make_loader, prepare_output_dir, resolve_device, seed_everything, set_effective_lr
@@ -49,7 +49,9 @@ def build_lars(head: nn.Module, args) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def encode_dataset(encoder: nn.Module, loader, device: torch.device, amp: str) -> TensorDataset:
-    """Pre-logit features (the head's input) of every image, with labels, on the CPU."""
+    """Pre-logit features (the head's input) of every image of the loader's data set, with labels, on the CPU.
+    Each rank encodes its shard; every rank gets the whole set back, so that the loaders built on the features
+    shard it once (not a shard of a shard) and the k-NN sees every image."""
     encoder.eval()
     features, labels = [], []
     for images, targets in loader:
@@ -57,7 +59,8 @@ def encode_dataset(encoder: nn.Module, loader, device: torch.device, amp: str) -
             tokens = encoder.forward_features(images.to(device, non_blocking=True))
             features.append(encoder.forward_head(tokens, pre_logits=True).float().cpu())
         labels.append(targets)
-    return TensorDataset(torch.cat(features), torch.cat(labels))
+    total = len(loader.dataset)
+    return TensorDataset(gather_shards(torch.cat(features), total), gather_shards(torch.cat(labels), total))
 
 
 def main(args) -> None:

@@ -169,6 +169,19 @@ def test_finetune_and_linprobe_from_the_pretrained_checkpoint(straight_run, tiny
                                                               "head.0.num_batches_tracked", "head.1.weight", "head.1.bias"}
 
 
+def test_cached_probe_on_two_ranks_sees_every_image_once(straight_run, tiny_imagefolder, tmp_path):
+    """Each rank encodes its shard and gets the whole feature set back: the probe then trains on every image (not
+    a shard of a shard) and the k-NN, taken before training, equals one process's."""
+    common = ["main_linprobe.py", "--data_path", str(tiny_imagefolder), "--input_size", "32", "--model", "vit_tiny_patch4",
+              "--finetune", str(straight_run / "checkpoint-last.pth"), "--num_workers", "0", "--epochs", "1",
+              "--warmup_epochs", "0", "--batch_size", "4", "--amp", "none", "--cached_features", "true", "--knn_k", "3"]
+    run_script([*common, "--output_dir", str(tmp_path / "one")])
+    run_script([*common, "--output_dir", str(tmp_path / "two")], torchrun=2)
+    one, two = read_log(tmp_path / "one")[-1], read_log(tmp_path / "two")[-1]
+    assert one["train_images"] == two["train_images"] == 32
+    assert two["test_knn_acc1"] == pytest.approx(one["test_knn_acc1"], abs=1e-6)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_imagefolder, tmp_path):
     """32 images / batch 8 = 4 steps an epoch: the 6th forward is step 1 of epoch 1."""
     result = run_script(["tests/nan_worker.py", "6", *pretrain_flags(tiny_imagefolder, tmp_path, save_freq=0)], check=False)

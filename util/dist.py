@@ -149,6 +149,21 @@ class _GatherWithGradientSum(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
+def gather_shards(tensor: torch.Tensor, total: int) -> torch.Tensor:
+    """The `total` rows of a whole data set from every rank's shard of an unshuffled DistributedSampler, in the
+    data set's order. Rank r holds rows r, r + W, r + 2W, ... of the index list padded to a multiple of W (equal
+    shards), so interleaving the shards and dropping the padding restores it. NCCL gathers on this rank's GPU;
+    the result is on `tensor`'s device. One process: the tensor itself."""
+    world = get_world_size()
+    if world == 1:
+        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+    local = tensor.to(device).contiguous()
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    return torch.stack(parts, dim=1).flatten(0, 1)[:total].to(tensor.device)
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Rows of every rank, concatenated in rank order (W·n, ...), differentiable.
 
