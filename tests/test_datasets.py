@@ -304,6 +304,9 @@ def test_transforms_sizes_and_denormalize():
     assert big_eval.transforms[0].size == 256 and big_eval.transforms[1].size == (224, 224)
     args = argparse.Namespace(color_jitter=None, aa="rand-m9-mstd0.5-inc1", reprob=0.25, remode="pixel", recount=1)
     assert build_transform(True, 32, "finetune", args)(gray).shape == (3, 32, 32)
+    assert build_transform(True, 32, "finetune", args).transforms[0].scale == (0.08, 1.0)  # timm's and MAE's
+    args.crop_scale = (0.5, 1.0)  # main_finetune.py --crop_scale 0.5 1
+    assert build_transform(True, 32, "finetune", args).transforms[0].scale == (0.5, 1.0)
     with pytest.raises(ValueError, match="args"):
         build_transform(True, 32, "finetune")
     with pytest.raises(ValueError, match="unknown transform kind 'simclr'"):

@@ -140,6 +140,15 @@ def test_flag_values_refused_before_any_work(module, flags, expected, tiny_image
     assert exit_info.value.code != 0 and expected in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("scale", [["0", "1"], ["0.6", "0.5"], ["0.5", "1.2"]])
+def test_a_crop_scale_outside_the_unit_interval_is_refused(scale, tiny_imagefolder, capsys):
+    parser = main_finetune.get_args_parser()
+    args = parse_with_config(parser, ["--data_path", str(tiny_imagefolder), "--crop_scale", *scale])
+    with pytest.raises(SystemExit):
+        main_finetune.validate_args(args, parser)
+    assert f"--crop_scale {float(scale[0]):g} {float(scale[1]):g}: the crop's area range must satisfy 0 < MIN <= MAX <= 1" in capsys.readouterr().err
+
+
 def test_help_says_what_ft1_is(capsys):
     with pytest.raises(SystemExit):
         main_finetune.get_args_parser().parse_args(["--help"])

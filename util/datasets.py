@@ -484,7 +484,8 @@ def build_transform(is_train: bool, input_size: int, kind: str, args=None, fast:
         from timm.data import create_transform
 
         return with_zero_bit_posterize(create_transform(
-            input_size=input_size, is_training=True, color_jitter=args.color_jitter, auto_augment=args.aa or None,
+            input_size=input_size, is_training=True, scale=tuple(getattr(args, "crop_scale", (0.08, 1.0))),
+            color_jitter=args.color_jitter, auto_augment=args.aa or None,
             interpolation="bicubic", re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
             mean=IMAGENET_MEAN, std=IMAGENET_STD))
     if input_size >= 224:
