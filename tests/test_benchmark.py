@@ -72,7 +72,8 @@ def test_benchmark_step_emits_a_table_and_json_lines(capsys):
     for result in results:
         assert {"model", "batch_size", "precision", "device", "img_per_s", "peak_mem_mb", "mfu"} <= set(result)
         assert result["img_per_s"] > 0 and result["peak_mem_mb"] > 0
-        assert result["mfu"] == pytest.approx(result["img_per_s"] * result["train_gflops_per_image"] / 1000, rel=1e-2)
+        # mfu is rounded to 4 decimals: on a loaded machine it is ~0.002 here, so the rounding needs an absolute margin
+        assert result["mfu"] == pytest.approx(result["img_per_s"] * result["train_gflops_per_image"] / 1000, rel=1e-2, abs=6e-5)
 
 
 @pytest.mark.parametrize("item", ["no_such_flag=1", "fused_attn", "threads=1"])
