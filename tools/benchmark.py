@@ -428,7 +428,7 @@ def stage_times(files: list[Path], size: int, repeats: int = 3) -> dict[str, flo
         torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
         boxes.append(transforms.RandomResizedCrop.get_params(image, [0.2, 1.0], [3 / 4, 4 / 3]))
     crops = [TF.resized_crop(p, *b, [size, size], bicubic) for p, b in zip(pils, boxes)]
-    normalize = transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    normalize = official_transform(size).transforms[-1]  # the official pipeline's Normalize
     stages = {
         "decode_pil": lambda i: Image.open(files[i]).convert("RGB"),
         "decode_torchvision": lambda i: decode_rgb(encoded[i]),
