@@ -39,6 +39,17 @@ def test_micro_study_runs_every_column_and_tabulates(tiny_imagefolder, tmp_path)
     # a second call finds every stage finished and runs nothing
     study.main(flags)
     assert len((out / "commands.txt").read_text().splitlines()) == 3 + 2 * 4
+    # restored from committed logs (no checkpoints): nothing re-runs while every evaluation is done; an evaluation
+    # left re-runs its pre-training from scratch first (one log, not two appended), and nothing else
+    for checkpoint in out.glob("*/seed0/pretrain/checkpoint-*.pth"):
+        checkpoint.unlink()
+    study.main(flags)
+    assert len((out / "commands.txt").read_text().splitlines()) == 3 + 2 * 4
+    (out / "mae_1ep" / "seed0" / "ft" / "log.txt").unlink()
+    study.main(flags)
+    rerun = [line for line in (out / "commands.txt").read_text().splitlines()[3 + 2 * 4:]]
+    assert len(rerun) == 2 and "main_pretrain.py" in rerun[0] and "mae_1ep/seed0/ft" in rerun[1]
+    assert len((out / "mae_1ep" / "seed0" / "pretrain" / "log.txt").read_text().splitlines()) == 1
 
 
 def test_cells_give_mean_sample_std_and_the_seed_count():

@@ -222,16 +222,20 @@ def run_stages(args, out: Path) -> None:
     for seed in args.seeds:  # seed-major: an interrupted study still holds whole comparisons
         for row, epochs in planned_runs(args.rows, args.epochs, args.budgets):
             folder = run_folder(out, row, epochs, seed)
-            checkpoint = ""
-            if epochs:
-                if not finished(folder / "pretrain", epochs):
-                    run("main_pretrain.py", pretrain_flags(args, row, epochs, seed, common, folder / "pretrain"), commands)
-                checkpoint = str(folder / "pretrain" / "checkpoint-last.pth")
+            checkpoint = folder / "pretrain" / "checkpoint-last.pth"
+            evals = []
             for kind in args.evals:
-                script, flags = eval_flags(args, kind, seed, common, checkpoint, folder / kind)
-                total = int(flags[flags.index("--epochs") + 1])
-                if not finished(folder / kind, total):
-                    run(script, flags, commands)
+                script, flags = eval_flags(args, kind, seed, common, str(checkpoint) if epochs else "", folder / kind)
+                if not finished(folder / kind, int(flags[flags.index("--epochs") + 1])):
+                    evals.append((script, flags))
+            # A study restored from its committed logs (docs/results) has no checkpoints: a pre-training whose
+            # evaluations are all done is not re-run; one with an evaluation left is, from scratch, if its weights are gone
+            if epochs and evals and not (finished(folder / "pretrain", epochs) and checkpoint.is_file()):
+                if not checkpoint.is_file():
+                    (folder / "pretrain" / "log.txt").unlink(missing_ok=True)  # the log of weights that are gone
+                run("main_pretrain.py", pretrain_flags(args, row, epochs, seed, common, folder / "pretrain"), commands)
+            for script, flags in evals:
+                run(script, flags, commands)
 
 
 def last_record(folder: Path) -> dict | None:
