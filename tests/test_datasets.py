@@ -92,6 +92,18 @@ def test_train_folder_without_classes_is_unlabelled(tmp_path):
     assert isinstance(img, Image.Image) and img.mode == "RGB" and label == -1
 
 
+def test_an_extracted_archives_top_folder_is_entered(tmp_path):
+    # tar -xzf cifar10-jpg.tar.gz -C data: data/cifar10-jpg/{train,test}; reading data/ itself as one folder
+    # would pre-train on the test images too
+    for split, count in (("train", 3), ("test", 2)):
+        (tmp_path / "cifar10-jpg" / split / "cat").mkdir(parents=True)
+        for i in range(count):
+            _noise_image(tmp_path / "cifar10-jpg" / split / "cat" / f"{i}.png", seed=i)
+    train = build_dataset("imagefolder", str(tmp_path), "train", None)
+    val = build_dataset("imagefolder", str(tmp_path), "val", None)
+    assert (len(train), len(val)) == (3, 2) and train.classes == ["cat"]
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -114,6 +126,18 @@ def test_missing_path_empty_folder_and_unknown_names(tmp_path):
         build_dataset("imagenet22k", str(tmp_path), "train", None)
     with pytest.raises(ValueError, match="split"):
         build_dataset("imagefolder", str(tmp_path), "test", None)
+
+
+def test_split_layouts_without_train_are_refused_not_read_as_one_folder(tmp_path):
+    (tmp_path / "test" / "cat").mkdir(parents=True)
+    _noise_image(tmp_path / "test" / "cat" / "0.png", seed=0)
+    with pytest.raises(FileNotFoundError, match=f"{re.escape(str(tmp_path))}.*has test/ but no train/"):
+        build_dataset("imagefolder", str(tmp_path), "train", None)
+    two = tmp_path / "two"
+    for name in ("a", "b"):
+        (two / name / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="2 sub-folders with one \\(a, b\\)"):
+        build_dataset("imagefolder", str(two), "train", None)
 
 
 # ---------------------------------------------------------------- Fashion-MNIST IDX

@@ -226,11 +226,24 @@ def tiny_imagenet(root: Path, split: str, transform: Transform) -> LabelledImage
 def _image_folder(root: Path, split: str, transform: Transform) -> Dataset:
     """Train reads `root/train` if present, else `root` itself; val reads `root/val`, else `root/test`.
 
-    The chosen folder is labelled (torchvision's ImageFolder, one class per sub-folder) when its sub-folders hold
-    the images. With images lying directly in it, or no sub-folder holding any, every image under it is read
-    unlabelled (label -1), which is all pre-training needs.
+    A `root` without train/ whose one sub-folder has it (an extracted archive's top folder: `tar -xzf
+    cifar10-jpg.tar.gz -C data` gives data/cifar10-jpg/train) is read as that sub-folder. The chosen folder is
+    labelled (torchvision's ImageFolder, one class per sub-folder) when its sub-folders hold the images. With
+    images lying directly in it, or no sub-folder holding any, every image under it is read unlabelled (label -1),
+    which is all pre-training needs.
     """
+    if not (root / "train").is_dir():
+        nested = sorted(d for d in root.iterdir() if d.is_dir() and (d / "train").is_dir())
+        if len(nested) > 1:
+            raise FileNotFoundError(f"--data_path {str(root)!r} has no train/ folder but {len(nested)} sub-folders with one "
+                                    f"({', '.join(d.name for d in nested)}): give one of them as --data_path")
+        root = nested[0] if nested else root
     if split == "train":
+        held_out = [name for name in ("val", "test") if (root / name).is_dir()]
+        if held_out and not (root / "train").is_dir():
+            # read as one unlabelled folder, root would put the evaluation images into pre-training
+            raise FileNotFoundError(f"--data_path {str(root)!r} has {'/ and '.join(held_out)}/ but no train/ folder: "
+                                    "add the training images as train/, or give a folder of training images only")
         folder = root / "train" if (root / "train").is_dir() else root
     else:
         folder = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
