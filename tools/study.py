@@ -284,7 +284,7 @@ def report(args, out: Path) -> str:
     lines = [f"Plan {args.plan}: {args.dataset}, {args.subset_size or 'all'} pre-training images, {args.epochs} epochs "
              f"at equal epochs, {args.sequences_per_step} masked sequences a step at lr {args.lr}; seeds {args.seeds}. "
              "Top-1 % on the test split, mean ± std over seeds, then each seed's value; minutes: the row's stages "
-             "(pre-training + its evaluations), mean over seeds.", ""]
+             "(pre-training + its evaluations), mean over the seeds that have a value.", ""]
     for title, rows in TABLES[args.table]:
         for budget in args.budgets:
             lines += [f"### {title}, {budgets[budget]}", "",
@@ -306,9 +306,10 @@ def report(args, out: Path) -> str:
                             values[column].append(value)
                         found.append("–" if value is None else f"{value:.2f}")
                     seeds_cells.append(f"s{seed}: " + " / ".join(found))
-                    spent.append(row_minutes(folder, args.evals, minutes))
+                    if any(value != "–" for value in found):
+                        spent.append(row_minutes(folder, args.evals, minutes))
                 lines.append(f"| {ROWS[row][0]} | {epochs} | " + " | ".join(cell(values[c]) for c, *_ in COLUMNS)
-                             + f" | {'; '.join(seeds_cells)} | {statistics.mean(spent):.1f} |")
+                             + f" | {'; '.join(seeds_cells)} | {f'{statistics.mean(spent):.1f}' if spent else '–'} |")
             lines.append("")
     text = "\n".join(lines)
     (out / f"tables_{args.table}.md").write_text(text + "\n")
