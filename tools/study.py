@@ -18,6 +18,7 @@ the epochs. Every step holds --sequences_per_step masked sequences at one lr (--
 
     python tools/study.py --plan fmnist --table table1 --seeds 0 1 2        # CPU
     python tools/study.py --plan fmnist --table ablations --seeds 0 1 2     # CPU
+    python tools/study.py --plan cifar10 --data_path ../shared/data/cifar10-jpg.tar.gz --rows random mae --budgets epochs  # CPU
     python tools/study.py --plan cifar10_full --data_path ../shared/data/cifar10-jpg.tar.gz --table table1  # GPU
 
 Each stage is printed before it runs and listed in OUTPUT/commands.txt with its wall-clock; finished stages are
@@ -85,6 +86,11 @@ PLANS = {
                    sequences_per_step=64, lr=1e-3, warmup_epochs=1, probe_images=4000, probe_epochs=30,
                    probe_batch_size=256, ft_batch_size=64, label_fraction=0.01, ft1_epochs=10, ft_epochs=3,
                    ft_lr=2e-3),
+    # cifar10: the CPU budget where MAE learns on natural images. A pilot (seed 0) probed MAE at 42.9% LIN against
+    # 30.2% for random init after 4 epochs of 10,000 images; 2,000 images x 8 epochs (the old study) stayed below it
+    "cifar10": dict(dataset="imagefolder", data_path="", epochs=4, subset_size=10000, sequences_per_step=64, lr=1e-3,
+                    warmup_epochs=1, probe_images=4000, probe_epochs=30, probe_batch_size=256, ft_batch_size=64,
+                    label_fraction=0.01, ft1_epochs=10, ft_epochs=3, ft_lr=2e-3),
     "cifar10_full": dict(dataset="imagefolder", data_path="", epochs=100, subset_size=0, sequences_per_step=256,
                          lr=6e-4, warmup_epochs=10, probe_images=0, probe_epochs=90,
                          probe_batch_size=1024, ft_batch_size=256, label_fraction=0.01,
@@ -106,7 +112,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", default=None,
                         help="data set: a folder (imagefolder: train/ + val/ or test/) or, for imagefolder, a .tar.gz extracted once into OUTPUT/data")
     parser.add_argument("--dataset", default=None, choices=["fashion_mnist", "imagefolder", "cifar10"],
-                        help="default: the plan's (fmnist: fashion_mnist, cifar10_full: imagefolder, the JPEG copy)")
+                        help="default: the plan's (fmnist: fashion_mnist; cifar10, cifar10_full: imagefolder, the JPEG copy)")
     for key, value in PLANS["fmnist"].items():
         if key not in ("dataset", "data_path"):
             parser.add_argument(f"--{key}", type=type(value), default=None, help=f"default: the plan's (fmnist: {value})")
