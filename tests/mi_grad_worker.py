@@ -5,6 +5,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from util.dist import cleanup
 from util.registry import create_model
 
 
@@ -33,4 +34,4 @@ if __name__ == "__main__":
         grad /= world
     if rank == 0:
         torch.save(grads, sys.argv[1])
-    dist.destroy_process_group()
+    cleanup()

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from util.dist import _GatherWithGradientSum, gather_with_grad
+from util.dist import _GatherWithGradientSum, cleanup, gather_with_grad
 from util.regularizers import tcr_loss, uniformity_loss
 
 REG_LAMBDA = 0.5
@@ -56,4 +56,4 @@ if __name__ == "__main__":
         grad /= world
     if rank == 0:
         torch.save(grads, sys.argv[1])
-    dist.destroy_process_group()
+    cleanup()

@@ -128,7 +128,11 @@ def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
 
 
 def cleanup() -> None:
+    """Tear the process group down on every rank together. Without the barrier a rank that finishes first (while
+    rank 0 still writes its files) destroys its gloo pairs under a live peer, and gloo can abort it (SIGABRT,
+    "terminate called without an active exception": seen once in CI in a 2-rank test)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
