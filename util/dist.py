@@ -128,9 +128,9 @@ def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
 
 
 def cleanup() -> None:
-    """Tear the process group down on every rank together. Without the barrier a rank that finishes first (while
-    rank 0 still writes its files) destroys its gloo pairs under a live peer, and gloo can abort it (SIGABRT,
-    "terminate called without an active exception": seen once in CI in a 2-rank test)."""
+    """Tear the process group down on every rank together, so that no rank destroys its group while a peer is
+    still working (likely cause of a SIGABRT, "terminate called without an active exception", seen once in CI
+    in a 2-rank gloo test while rank 0 wrote its file; not reproduced locally)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
