@@ -20,6 +20,7 @@ from util.datasets import SeededDataset, build_dataset, build_transform
 from util.knn import knn_classify
 from util.dist import cleanup, gather_shards, init_distributed
 from engine_finetune import add_common_args, build_vit, fit, training_images, validate_common_args
+from models_vit import batchnorm_head
 from util.precision import autocast_for, resolve_precision
 from util.run import make_loader, prepare_output_dir, resolve_device, seed_everything, set_effective_lr
 
@@ -84,9 +85,7 @@ def main(args) -> None:
 
     model = build_vit(args, num_classes)
     trunc_normal_(model.head.weight, std=0.01)
-    dim = model.head.in_features
-    # BatchNorm without affine re-centres the features; it is a parameter-free part of the linear head.
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), model.head)
+    head = batchnorm_head(model.head)  # the BatchNorm has no parameters: the probe is still linear
     for param in model.parameters():
         param.requires_grad = False
     for param in head.parameters():

@@ -51,6 +51,13 @@ def vit_small_patch4(**kwargs) -> VisionTransformer:
     return _vit("vit_small_patch4", **kwargs)
 
 
+def batchnorm_head(linear: nn.Linear) -> nn.Sequential:
+    """MAE's probe head: a BatchNorm without affine in front of `linear`. It standardises each feature over the
+    batch, so a large per-feature offset of the pre-trained features (which a LayerNorm over the features keeps)
+    cannot drown what varies between images."""
+    return nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
+
+
 def load_pretrained_encoder(model: VisionTransformer, state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Load the encoder part of a pre-training state dict (MAE or any method built on it) into `model`.
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models_vit import load_pretrained_encoder
+from models_vit import batchnorm_head, load_pretrained_encoder
 from util.registry import create_model, list_models, pretrain_models
 
 
@@ -108,3 +108,19 @@ def test_fixed_position_tables_are_not_trained_and_init_follows_mae():
 def test_unknown_model_name_lists_choices():
     with pytest.raises(ValueError, match="unknown model 'mae_vit_gigantic'.*mae_vit_base_patch16"):
         create_model("mae_vit_gigantic")
+
+
+def test_batchnorm_head_ignores_a_per_feature_offset_that_layernorm_keeps():
+    """The fine-tuning option --head_batchnorm: in training mode the head's logits do not change when every
+    image's features move by the same per-feature offset, however large; behind a LayerNorm they do, and the
+    part that varies between images shrinks by the offset's spread."""
+    torch.manual_seed(0)
+    features = torch.randn(32, 16)
+    offset = 30.0 * torch.randn(16)  # MAE's pooled features after a short schedule: mean ~9 std off 0
+    head = batchnorm_head(torch.nn.Linear(16, 4)).train()
+    assert isinstance(head[0], torch.nn.BatchNorm1d) and head[0].affine is False
+    assert torch.allclose(head(features + offset), head(features), atol=1e-4)
+    assert list(dict(head.named_parameters())) == ["1.weight", "1.bias"]  # still a linear classifier
+    layer_norm = torch.nn.LayerNorm(16)
+    between_images = lambda x: layer_norm(x).std(0).mean().item()  # noqa: E731
+    assert between_images(features + offset) < 0.1 * between_images(features)

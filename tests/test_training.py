@@ -169,6 +169,26 @@ def test_finetune_and_linprobe_from_the_pretrained_checkpoint(straight_run, tiny
                                                               "head.0.num_batches_tracked", "head.1.weight", "head.1.bias"}
 
 
+def test_finetune_head_batchnorm_round_trips_and_needs_the_flag_to_resume(straight_run, tiny_imagefolder, tmp_path):
+    common = ["--data_path", str(tiny_imagefolder), "--input_size", "32", "--model", "vit_tiny_patch4",
+              "--finetune", str(straight_run / "checkpoint-last.pth"), "--num_workers", "0", "--epochs", "1",
+              "--warmup_epochs", "1", "--batch_size", "8", "--amp", "none", "--output_dir", str(tmp_path / "ft")]
+    run_script(["main_finetune.py", *common, "--head_batchnorm", "true"])
+    state = weights(tmp_path / "ft" / "checkpoint-last.pth")
+    assert {k for k in state if k.startswith("head.")} == {"head.0.running_mean", "head.0.running_var",
+                                                          "head.0.num_batches_tracked", "head.1.weight", "head.1.bias"}
+    assert state["head.0.num_batches_tracked"] == 4  # 32 images at batch 8: the statistics were fitted
+    # --eval of the fine-tuned checkpoint scores what the last epoch logged (the running statistics came back)
+    evaluation = run_script(["main_finetune.py", *common, "--head_batchnorm", "true", "--eval"])
+    logged = read_log(tmp_path / "ft")[-1]["test_acc1"]
+    assert f"* acc@1 {logged:.3f}" in evaluation.stdout
+    # without the flag the checkpoint's head does not fit the model: a clear error, nothing overwritten
+    before = (tmp_path / "ft" / "checkpoint-last.pth").read_bytes()
+    failed = run_script(["main_finetune.py", *common, "--eval"], check=False)
+    assert failed.returncode != 0 and "--head_batchnorm False (checkpoint: True)" in failed.stderr + failed.stdout
+    assert (tmp_path / "ft" / "checkpoint-last.pth").read_bytes() == before
+
+
 def test_cached_probe_on_two_ranks_sees_every_image_once(straight_run, tiny_imagefolder, tmp_path):
     """Each rank encodes its shard and gets the whole feature set back: the probe then trains on every image (not
     a shard of a shard) and the k-NN, taken before training, equals one process's."""

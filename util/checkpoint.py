@@ -221,7 +221,12 @@ class RunState:
         """Load `checkpoint` (read from `path`) into every part; returns the epoch to start from. A ValueError
         names the file when the weights or the data state do not fit. Result-changing flags that differ from
         the checkpoint's are listed; `weights_only` (evaluation) restores the model alone."""
-        load_matching_state(self.model, checkpoint["model"], path)
+        try:
+            load_matching_state(self.model, checkpoint["model"], path)
+        except ValueError as err:  # the flags that build the model are the likely cause: name those that differ
+            if changed := resume_differences(checkpoint.get("args") or {}, self.args):
+                raise ValueError(f"{err}; flags that differ from the checkpoint's: {', '.join(changed)}") from err
+            raise
         if weights_only:
             return 0
         if self.train_data is not None:
