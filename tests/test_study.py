@@ -1,4 +1,6 @@
 """tools/study.py end to end at a micro size: the runs it plans for both budgets, every column, and the table."""
+import json
+
 from tools import study
 
 
@@ -53,5 +55,22 @@ def test_micro_study_runs_every_column_and_tabulates(tiny_imagefolder, tmp_path)
 
 
 def test_cells_give_mean_sample_std_and_the_seed_count():
-    assert study.cell([70.0, 72.0, 74.0]) == "72.00 ± 2.00"
-    assert study.cell([70.0]) == "70.00 (1 seed)" and study.cell([]) == "–"
+    assert study.cell([70.0, 72.0, 74.0], 3) == "72.00 ± 2.00"
+    assert study.cell([70.0, 72.0], 3) == "71.00 ± 1.41 (2 seeds)"
+    assert study.cell([70.0], 3) == "70.00 (1 seed)" and study.cell([], 3) == "–"
+
+
+def test_report_prints_only_the_columns_the_table_runs(tmp_path):
+    """The ablations run k-NN and LIN only: their tables have no FT columns that would read as missing cells, even
+    where an FT log happens to exist."""
+    args = study.resolve(study.get_args_parser().parse_args(
+        ["--table", "ablations", "--rows", "n2", "--seeds", "0", "1", "--output_dir", str(tmp_path), "--data_path", "x"]))
+    for seed, (knn, lin) in enumerate([(61.0, 64.0), (63.0, 66.0)]):
+        folder = study.run_folder(tmp_path, "n2", args.epochs, seed)
+        for kind, record in [("lin", {"test_knn_acc1": knn, "test_acc1": lin}), ("ft", {"test_acc1": 99.0})]:
+            (folder / kind).mkdir(parents=True)
+            (folder / kind / "log.txt").write_text(json.dumps(record) + "\n")
+    lines = [line for line in study.report(args, tmp_path).splitlines() if line.startswith("| ")]
+    assert lines[0] == "| row | epochs | k-NN | LIN | per seed (k-NN / LIN) | minutes |"
+    cells = [c.strip() for c in lines[1].strip("|").split("|")]
+    assert cells[1:5] == [str(args.epochs), "62.00 ± 1.41", "65.00 ± 1.41", "s0: 61.00 / 64.00; s1: 63.00 / 66.00"]

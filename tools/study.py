@@ -279,12 +279,14 @@ COLUMNS = [("knn", "k-NN", "lin", "test_knn_acc1"), ("lin", "LIN", "lin", "test_
            ("ft1", "FT1%", "ft1", "test_acc1"), ("ft", "FT", "ft", "test_acc1")]
 
 
-def cell(values: list[float]) -> str:
+def cell(values: list[float], seeds: int) -> str:
+    """Mean ± sample std of the seeds that have a value, naming their count when some of the `seeds` are missing."""
     if not values:
         return "–"
     if len(values) == 1:
         return f"{values[0]:.2f} (1 seed)"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    text = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    return text if len(values) == seeds else f"{text} ({len(values)} seeds)"
 
 
 def report(args, out: Path) -> str:
@@ -294,22 +296,25 @@ def report(args, out: Path) -> str:
              f"at equal epochs, {args.sequences_per_step} masked sequences a step at lr {args.lr}; seeds {args.seeds}. "
              "Top-1 % on the test split, mean ± std over seeds, then each seed's value; minutes: the row's stages "
              "(pre-training + its evaluations), mean over the seeds that have a value.", ""]
+    # only the columns this table runs (the ablations: k-NN and LIN), so that no column reads as missing
+    columns = [c for c in COLUMNS if c[2] in args.evals]
+    names = [name for _, name, _, _ in columns]
     for title, rows in TABLES[args.table]:
         for budget in args.budgets:
             lines += [f"### {title}, {budgets[budget]}", "",
-                      "| row | epochs | " + " | ".join(name for _, name, _, _ in COLUMNS) + " | per seed (k-NN / LIN / FT1% / FT) | minutes |",
-                      "|---|---|" + "---|" * len(COLUMNS) + "---|---|"]
+                      "| row | epochs | " + " | ".join(names) + f" | per seed ({' / '.join(names)}) | minutes |",
+                      "|---|---|" + "---|" * len(columns) + "---|---|"]
             for row in rows:
                 if row not in args.rows:
                     continue
                 per_image = ROWS[row][2]
                 epochs = 0 if per_image == 0 else args.epochs if budget == "epochs" else args.epochs * 4 // per_image
-                values, seeds_cells, spent = {c: [] for c, *_ in COLUMNS}, [], []
+                values, seeds_cells, spent = {c: [] for c, *_ in columns}, [], []
                 for seed in args.seeds:
                     folder = run_folder(out, row, epochs, seed)
                     found = []
-                    for column, _, kind, key in COLUMNS:
-                        record = last_record(folder / kind) if kind in args.evals else None
+                    for column, _, kind, key in columns:
+                        record = last_record(folder / kind)
                         value = None if record is None else record.get(key)
                         if value is not None:
                             values[column].append(value)
@@ -317,7 +322,7 @@ def report(args, out: Path) -> str:
                     seeds_cells.append(f"s{seed}: " + " / ".join(found))
                     if any(value != "–" for value in found):
                         spent.append(row_minutes(folder, args.evals, minutes))
-                lines.append(f"| {ROWS[row][0]} | {epochs} | " + " | ".join(cell(values[c]) for c, *_ in COLUMNS)
+                lines.append(f"| {ROWS[row][0]} | {epochs} | " + " | ".join(cell(values[c], len(args.seeds)) for c, *_ in columns)
                              + f" | {'; '.join(seeds_cells)} | {f'{statistics.mean(spent):.1f}' if spent else '–'} |")
             lines.append("")
     text = "\n".join(lines)
