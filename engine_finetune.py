@@ -16,10 +16,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from engine_pretrain import optimizer_step
 from models_vit import load_pretrained_encoder
-from util.checkpoint import RunState, find_resume_checkpoint, load_checkpoint, model_state_from
+from util.checkpoint import RunState, load_checkpoint, load_resume_checkpoint, model_state_from
 from util.config import bool_flag
 from util.datasets import DATASETS, class_balanced_subset, dataset_labels, subset
-from util.dist import DistInfo, is_main_process
+from util.dist import DistInfo, data_parallel, is_main_process
 from util.lr_sched import adjust_learning_rate
 from util.metrics import Progress, RunningTerms, accuracy
 from util.precision import add_precision_args, autocast_for, grad_scaler_for
@@ -62,8 +62,7 @@ def train_one_epoch(
             optimizer_step(model, optimizer, scaler, args.clip_grad)
         running.add({"loss": loss.detach()}, step)
         if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
-            running.check_finite()
-            means = running.means()
+            means = running.means()  # raises on every rank if one saw a non-finite loss
             print(progress.line(step, {"lr": lr, **means}), flush=True)
             if log_writer is not None:
                 epoch_1000x = int((epoch + (step + 1) / steps_per_epoch) * 1000)
@@ -88,7 +87,7 @@ def evaluate(model: nn.Module, data_loader: Iterable, device: torch.device, amp:
         size = torch.tensor(float(targets.shape[0]), device=device)
         running.add({"loss": criterion(logits.float(), targets) * size, "acc1": acc1 * size, "acc5": acc5 * size,
                      "count": size}, step)
-    means = running.means()  # of size-weighted values: their ratio to the mean size is the per-image mean
+    means = running.means(raise_non_finite=False)  # of size-weighted values: their ratio to the mean size is the per-image mean
     size = max(means.pop("count"), 1e-12)
     stats = {k: v / size for k, v in means.items()}
     print(f"* acc@1 {stats['acc1']:.3f} acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} ({time.time() - start:.1f}s)")
@@ -209,18 +208,19 @@ def fit(args, info: DistInfo, device: torch.device, model: nn.Module, optimizer:
     scaler = grad_scaler_for(device, args.amp)  # args.amp as resolved by the script
     start_epoch = 0
     run_state = RunState(args, model, optimizer, scaler)
-    resume_path = find_resume_checkpoint(args)
-    if resume_path is not None:
-        try:
-            start_epoch = run_state.restore(load_checkpoint(resume_path), resume_path, weights_only=args.eval)
-        except ValueError as err:  # pickled code, a corrupt file, or another model's weights
-            raise SystemExit(f"error: {err}") from err
+    try:
+        resume = load_resume_checkpoint(args)  # rank 0's choice, read by every rank
+        if resume is not None:
+            start_epoch = run_state.restore(resume[1], resume[0], weights_only=args.eval)
+    except ValueError as err:  # pickled code, a corrupt file, or another model's weights
+        raise SystemExit(f"error: {err}") from err
+    if resume is not None:
         if not args.eval:
             truncate_log(args.output_dir, start_epoch)
-        print(f"resumed from {resume_path}")
+        print(f"resumed from {resume[0]}")
     train_model = model
     if info.distributed:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = data_parallel(model, device)
     if args.eval:
         return evaluate(model, val_loader, device, args.amp)
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
-from util.dist import all_reduce_mean, get_world_size
+from util.dist import GlobalBatchNorm1d, all_reduce_mean, get_world_size
 from util.fast_augment import normalize_on_device
 from util.lr_sched import adjust_learning_rate
 from util.metrics import NonFiniteStepSkipper, Progress, RunningTerms, accuracy
@@ -85,7 +85,8 @@ class PretrainTask(nn.Module):
         if num_classes > 0:
             dim = model.cls_token.shape[-1]
             # BatchNorm without affine + linear: MAE's probe head, robust to the feature scale drifting.
-            self.probe = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+            # Global: its statistics are the whole batch's on any number of ranks.
+            self.probe = nn.Sequential(GlobalBatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
 
     def estimator_losses(self):
         return self.model.estimator_losses()
@@ -155,8 +156,7 @@ def train_one_epoch(
         interval_images += imgs.shape[0]
 
         if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
-            running.check_finite()  # the only host syncs of the loop
-            means = running.means()
+            means = running.means()  # the only host sync of the loop; raises on every rank if one saw a NaN
             elapsed = time.time() - interval_start
             images_per_s = interval_images * get_world_size() / max(elapsed, 1e-9)
             print(progress.line(step, {"lr": lr, **means, "img/s": images_per_s}), flush=True)
@@ -174,18 +174,25 @@ def train_one_epoch(
     return stats
 
 
+def clipped_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """What --clip_grad clips: the parameters of every group that does not say `clip: False`. The online probe's
+    group and MI-MAE's V say so: a passive probe must not change training, and V's NLL is an estimator's loss,
+    whose gradient norm would otherwise set the encoder's clipping factor."""
+    return [p for group in optimizer.param_groups if group.get("clip", True) for p in group["params"]]
+
+
 def optimizer_step(task: nn.Module, optimizer: torch.optim.Optimizer,
                    scaler: Optional[torch.amp.GradScaler], clip_grad: Optional[float]) -> None:
     """Unscale (fp16), clip if asked, step and zero the gradients; no host sync."""
     if scaler is not None:
         if clip_grad:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(task.parameters(), clip_grad)
+            torch.nn.utils.clip_grad_norm_(clipped_parameters(optimizer), clip_grad)
         scaler.step(optimizer)
         scaler.update()
     else:
         if clip_grad:
-            torch.nn.utils.clip_grad_norm_(task.parameters(), clip_grad)
+            torch.nn.utils.clip_grad_norm_(clipped_parameters(optimizer), clip_grad)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -193,14 +200,17 @@ def optimizer_step(task: nn.Module, optimizer: torch.optim.Optimizer,
 def estimator_steps(task: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Extra updates of a model's own estimator between optimizer steps (MI-MAE's V, --v_steps): the model yields
     each loss, which reaches only the estimator's parameters; only they then step (AdamW skips parameters without
-    gradient). Called on the model itself, outside DDP, so their gradients are averaged over ranks here."""
+    gradient). Called on the model itself, outside DDP, so their gradients are averaged over ranks here, in one
+    all-reduce of one flattened buffer per extra step. Not clipped: see `clipped_parameters`."""
     inner = task.module if isinstance(task, nn.parallel.DistributedDataParallel) else task
     distributed = get_world_size() > 1
     for loss in getattr(inner, "estimator_losses", tuple)():  # a task without an estimator has nothing to do
         loss.backward()
         if distributed:
-            for param in (p for group in optimizer.param_groups for p in group["params"] if p.grad is not None):
-                param.grad.copy_(all_reduce_mean(param.grad))
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            averaged = all_reduce_mean(torch.cat([grad.flatten() for grad in grads]))
+            for grad, mean in zip(grads, averaged.split([grad.numel() for grad in grads])):
+                grad.copy_(mean.view_as(grad))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -216,8 +226,8 @@ def check_one_batch_fits(num_samples: int, batch_size: int, world_size: int) -> 
 
 def build_optimizer(task: PretrainTask, args) -> torch.optim.Optimizer:
     groups = task.model.param_groups(args.weight_decay)
-    if task.probe is not None:
-        groups.append({"params": list(task.probe.parameters()), "weight_decay": 0.0})
+    if task.probe is not None:  # not clipped by --clip_grad: a passive probe must not change the encoder's steps
+        groups.append({"params": list(task.probe.parameters()), "weight_decay": 0.0, "clip": False})
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
 
 

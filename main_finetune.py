@@ -14,7 +14,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from models_vit import batchnorm_head
 from util.config import bool_flag, parse_with_config
 from util.datasets import SeededDataset, build_dataset, build_transform
-from util.dist import cleanup, init_distributed
+from util.dist import DistInfo, cleanup, init_distributed, stop_together
 from engine_finetune import add_common_args, build_vit, fit, training_images, validate_common_args
 from util.lr_decay import param_groups_lrd
 from util.precision import resolve_precision
@@ -68,7 +68,13 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> None:
+    """An error on one rank stops every rank (util.dist.stop_together)."""
     info, device = init_distributed(args.device, args.dist_timeout)
+    with stop_together():
+        finetune(args, info, device)
+
+
+def finetune(args, info: DistInfo, device: torch.device) -> None:
     device = resolve_device(str(device))
     resolve_precision(args, device)  # --amp and --tf32 as they run (args.yaml records that); sets TF32 on a GPU
     set_effective_lr(args, info)

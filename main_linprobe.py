@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from util.config import bool_flag, parse_with_config
 from util.datasets import SeededDataset, build_dataset, build_transform
 from util.knn import knn_classify
-from util.dist import cleanup, gather_shards, init_distributed
+from util.dist import DistInfo, cleanup, gather_shards, init_distributed, stop_together
 from engine_finetune import add_common_args, build_vit, fit, training_images, validate_common_args
 from models_vit import batchnorm_head
 from util.precision import autocast_for, resolve_precision
@@ -65,7 +65,13 @@ def encode_dataset(encoder: nn.Module, loader, device: torch.device, amp: str) -
 
 
 def main(args) -> None:
+    """An error on one rank stops every rank (util.dist.stop_together)."""
     info, device = init_distributed(args.device, args.dist_timeout)
+    with stop_together():
+        linear_probe(args, info, device)
+
+
+def linear_probe(args, info: DistInfo, device: torch.device) -> None:
     device = resolve_device(str(device))
     resolve_precision(args, device)  # --amp and --tf32 as they run (args.yaml records that); sets TF32 on a GPU
     set_effective_lr(args, info)

@@ -21,10 +21,18 @@ from engine_pretrain import (
     set_fused_attn,
     train_one_epoch,
 )
-from util.checkpoint import RunState, find_resume_checkpoint, load_checkpoint
+from util.checkpoint import RunState, load_resume_checkpoint
 from util.config import bool_flag, parse_with_config
 from util.datasets import DATASETS, SeededDataset, SkipBadImages, TrainData, build_dataset, build_transform, subset
-from util.dist import all_reduce_sum, cleanup, init_distributed, is_main_process
+from util.dist import (
+    DistInfo,
+    all_reduce_sum,
+    cleanup,
+    data_parallel,
+    init_distributed,
+    is_main_process,
+    stop_together,
+)
 from util.knn import extract_features, knn_classify
 from util.memory import count_step_memory, memory_warning
 from util.metrics import NonFiniteStepSkipper
@@ -63,7 +71,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--blr", default=1e-3, type=float, help="base lr per 256 images; MAE's recipe is 1.5e-4 at batch 4096")
     group.add_argument("--min_lr", default=0.0, type=float, help="floor of the cosine schedule")
     group.add_argument("--warmup_epochs", default=40, type=int, help="linear warm-up epochs (fractional per step)")
-    group.add_argument("--clip_grad", default=None, type=float, help="clip the global gradient norm to this (off by default, as MAE)")
+    group.add_argument("--clip_grad", default=None, type=float,
+                       help="clip the global gradient norm of what the loss trains (encoder, decoder, the method's heads) to this; "
+                            "off by default, as MAE. The online probe is left out (a passive monitor must not change the "
+                            "encoder's steps), and so is MI-MAE's V, in its main and --v_steps updates (an estimator: its NLL "
+                            "gradient must not set the encoder's clipping factor)")
     add_precision_args(group)  # --amp, --tf32
 
     group = parser.add_argument_group("model")
@@ -176,8 +188,14 @@ def check_resumable(checkpoint: dict, args, path: Path) -> None:
 
 
 def main(args) -> torch.nn.Module:
-    """Pre-train as `args` say; returns the trained model (every rank holds the same weights)."""
+    """Pre-train as `args` say; returns the trained model (every rank holds the same weights). An error on one rank
+    stops every rank (util.dist.stop_together)."""
     info, device = init_distributed(args.device, args.dist_timeout)
+    with stop_together():
+        return pretrain(args, info, device)
+
+
+def pretrain(args, info: DistInfo, device: torch.device) -> torch.nn.Module:
     device = resolve_device(str(device))
     resolve_precision(args, device)  # --amp and --tf32 as they run (args.yaml records that); sets TF32 on a GPU
     set_effective_lr(args, info)
@@ -224,20 +242,23 @@ def main(args) -> torch.nn.Module:
     start_epoch = 0
     nan_skips = NonFiniteStepSkipper(args.max_nan_skips) if args.nan_policy == "skip" else None
     run_state = RunState(args, model, optimizer, scaler, task.probe, train_data, nan_skips)
-    resume_path = find_resume_checkpoint(args)
-    if resume_path is not None:
+    try:
+        resume = load_resume_checkpoint(args)  # rank 0's choice, read by every rank
+    except ValueError as err:  # pickled code or a corrupt file
+        raise SystemExit(f"error: {err}") from err
+    if resume is not None:
+        resume_path, checkpoint = resume
         try:
-            checkpoint = load_checkpoint(resume_path)
             check_resumable(checkpoint, args, resume_path)
             start_epoch = run_state.restore(checkpoint, resume_path)
-        except ValueError as err:  # pickled code, a corrupt file, or another model's weights
+        except ValueError as err:  # another model's weights
             raise SystemExit(f"error: {err}") from err
         print(f"resumed from {resume_path} (epoch {checkpoint['epoch']} done)")
     truncate_log(args.output_dir, start_epoch)  # also on a fresh start: lines of a run killed before its first checkpoint
 
     train_task = task
     if info.distributed:
-        train_task = torch.nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
+        train_task = data_parallel(task, device)
 
     log_writer = SummaryWriter(args.log_dir or args.output_dir) if is_main_process() and args.output_dir else None
     vis_images = knn_loaders = None
@@ -248,8 +269,8 @@ def main(args) -> torch.nn.Module:
     if args.knn_freq > 0:
         bank = subset(build_dataset(args.dataset, args.data_path, "train", eval_transform), args.knn_max_train, args.seed)
         query = build_dataset(args.dataset, args.data_path, "val", eval_transform)
-        knn_loaders = [torch.utils.data.DataLoader(readable(d), batch_size=args.batch_size,
-                                                   num_workers=args.num_workers) for d in (bank, query)]
+        # each rank encodes its shard; extract_features gathers the features
+        knn_loaders = [make_loader(readable(d), info, args, train=False) for d in (bank, query)]
 
     print(f"start training for {args.epochs - start_epoch} epochs from epoch {start_epoch}")
     start_time = time.time()
@@ -257,7 +278,9 @@ def main(args) -> torch.nn.Module:
         loader.sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         train_data.start_epoch(epoch)
-        seed_everything(args.seed + epoch)  # main-process randomness depends on the epoch only: exact resume
+        # main-process randomness (--club_sampled) depends on the epoch and rank only: exact resume, and each rank
+        # draws its own numbers
+        seed_everything(args.seed + epoch + 1000 * info.rank)
         epoch_start = time.time()
         train_stats = train_one_epoch(train_task, loader, optimizer, device, epoch, scaler, args, log_writer, nan_skips)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}

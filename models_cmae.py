@@ -19,7 +19,7 @@ from engine_pretrain import PretrainOutput
 from models_mae import MaskedAutoencoderViT, build_mae, mae_model_kwargs
 from util.cmae_losses import nt_xent_loss, position_cross_entropy
 from util.contrastive_crop import ContrastiveCropData
-from util.dist import gather_with_grad
+from util.dist import GlobalBatchNorm1d, gather_with_grad
 from util.mim import masked_mse_loss, num_visible, random_masking
 from util.spec import Knob, Method, model_factory
 
@@ -130,8 +130,8 @@ class ContrastiveMaskedAutoencoderViT(MaskedAutoencoderViT):
         dim = self.cls_token.shape[-1]
         # Parts whose loss is off are not built: DDP refuses parameters that get no gradient.
         self.con_projector = None
-        if con_weight > 0:  # SimCLR's head
-            self.con_projector = nn.Sequential(nn.Linear(dim, proj_hidden), nn.BatchNorm1d(proj_hidden), nn.ReLU(),
+        if con_weight > 0:  # SimCLR's head; no bias before the BatchNorm (MoCo v3): its gradient is zero but for float noise
+            self.con_projector = nn.Sequential(nn.Linear(dim, proj_hidden, bias=False), GlobalBatchNorm1d(proj_hidden), nn.ReLU(),
                                                nn.Linear(proj_hidden, proj_dim))
             self.con_projector.apply(self._init_module)
         self.num_position_tokens = 0

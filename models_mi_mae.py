@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 from engine_pretrain import PretrainOutput
 from models_mae import MAE_SIZES, MaskedAutoencoderViT, build_mae, mae_model_kwargs
-from util.dist import gather_with_grad, get_rank
+from util.dist import GlobalBatchNorm1d, gather_with_grad, get_rank
 from util.mi_losses import (
     club_upper_bound,
     club_upper_bound_sampled,
@@ -55,10 +55,13 @@ MI_MAE_KNOBS = (
          'latent of a mask for the max-MI loss: mean of its visible tokens (reading) or the cls token',
          choices=('mean', 'cls')),
     Knob('mi_proj', 'mlp',
-         'projection before InfoNCE: Linear(D,2048)-BN-ReLU-Linear(2048,256) (reading) or none',
+         'projection before InfoNCE: Linear(D,2048)-BN-ReLU-Linear(2048,256) (reading; the BatchNorm takes the '
+         "global batch's statistics on any number of ranks) or none",
          choices=('mlp', 'none')),
-    Knob('nce_gather', False,
-         "add every rank's rows as InfoNCE negatives (gather whose backward sums gradients over ranks)"),
+    Knob('nce_gather', True,
+         "InfoNCE negatives from every rank (a gather whose backward sums gradients over ranks), so that W ranks "
+         "train what one process trains on the global batch; false: this rank's rows only, which makes the "
+         "task, and the results, depend on the GPU count"),
     Knob('v_hidden', 512,
          "hidden width of V's mean and log-variance MLPs",
          interval='[1, inf)'),
@@ -104,7 +107,7 @@ MI_MAE_KNOBS = (
          'information)'),
     Knob('club_sampled', False,
          'CLUB with one random partner per pair instead of the closed-form mean over all pairs of the '
-         'group'),
+         "group (drawn on the device from each rank's own generator: runs then differ with the GPU count)"),
     Knob('w_rec', 1.0,
          'weight of the reconstruction loss (lambda1 in reading A)',
          interval='[0, inf)'),
@@ -157,9 +160,12 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
         # Heads of zero-weight terms are not built: under DDP a parameter outside the graph stops the gradient
         # reduction ("Expected to have finished reduction"), and an untrained head would log noise.
         self.mi_projector = self.variational = None
+        # No bias before the BatchNorm (MoCo v3's heads): its gradient is zero in exact arithmetic, so Adam would
+        # turn float noise into steps of the size of the lr.
         if w_max > 0:
             if mi_proj == "mlp":
-                self.mi_projector = nn.Sequential(nn.Linear(dim, 2048), nn.BatchNorm1d(2048), nn.ReLU(), nn.Linear(2048, 256))
+                self.mi_projector = nn.Sequential(nn.Linear(dim, 2048, bias=False), GlobalBatchNorm1d(2048), nn.ReLU(),
+                                                  nn.Linear(2048, 256))
             else:
                 self.mi_projector = nn.Identity()
         if w_min > 0 or w_v > 0:
@@ -191,15 +197,17 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """MAE's groups for everything but V; V trains in its own group: no weight decay, `v_lr_scale` times the
         main lr on its own schedule (`v_lr_schedule`), so that it tracks the moving latents (CLUB needs q near its
-        optimum)."""
+        optimum), and outside --clip_grad."""
         groups = super().param_groups(weight_decay)
         if self.variational is None:
             return groups
         v_params = set(self.variational.parameters())
         for group in groups:
             group["params"] = [p for p in group["params"] if p not in v_params]
+        # not clipped by --clip_grad (engine_pretrain.clipped_parameters): V's NLL is an estimator's loss, whose
+        # gradient norm must not set the encoder's clipping factor
         return groups + [{"params": list(self.variational.parameters()), "weight_decay": 0.0, "name": "variational",
-                          "lr_scale": self.v_lr_scale, "schedule": self.v_lr_schedule}]
+                          "lr_scale": self.v_lr_scale, "schedule": self.v_lr_schedule, "clip": False}]
 
     def max_mi_loss(self, latent: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """InfoNCE between the pooled, projected latents of the masks; positives = the other masks of the image."""

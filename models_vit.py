@@ -10,6 +10,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from models_mae import MAE_SIZES
+from util.dist import GlobalBatchNorm1d
 from util.pos_embed import interpolate_pos_embed
 from util.spec import model_factory
 
@@ -54,8 +55,8 @@ def vit_small_patch4(**kwargs) -> VisionTransformer:
 def batchnorm_head(linear: nn.Linear) -> nn.Sequential:
     """MAE's probe head: a BatchNorm without affine in front of `linear`. It standardises each feature over the
     batch, so a large per-feature offset of the pre-trained features (which a LayerNorm over the features keeps)
-    cannot drown what varies between images."""
-    return nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
+    cannot drown what varies between images. Global: the statistics are the whole batch's on any number of ranks."""
+    return nn.Sequential(GlobalBatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
 
 
 def load_pretrained_encoder(model: VisionTransformer, state_dict: dict[str, torch.Tensor]) -> list[str]:

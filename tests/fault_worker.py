@@ -3,12 +3,18 @@ shallow_models) so that the runs stay short.
 
     python tests/fault_worker.py FAULT N [main_pretrain.py flags]
 
-FAULT acts on rank $FAULT_RANK (default 0), and under torchrun only in the first attempt (not after a restart):
+With $RANK_FOLDERS set, rank R runs in $RANK_FOLDERS/rankR, so that a relative --output_dir is a folder of its
+own on every rank (per-node disks). FAULT acts on rank $FAULT_RANK (default 0), and under torchrun only in the first attempt (not after a restart):
     none             no fault (the uninterrupted reference)
     kill_at_forward  SIGKILL this process right after its N-th forward pass: mid-step, before backward and step
     stop_at_forward  SIGSTOP it there instead: a hung rank (the test kills it)
     kill_in_save     SIGKILL during the N-th checkpoint write, half of its bytes on disk
+    nan_at_forward   the loss and its terms are NaN from the N-th forward pass on
+    bad_image        the N-th image read is refused (BadImageError, as for a truncated file)
+    oom_at_forward   the N-th forward pass runs out of memory (torch.OutOfMemoryError)
+    unwritable_save  the N-th checkpoint write finds its folder unwritable (EACCES)
 """
+import errno
 import io
 import os
 import signal
@@ -19,6 +25,8 @@ import torch
 
 import main_pretrain
 import models_mae
+import util.checkpoint
+import util.datasets
 from util.config import parse_with_config
 from util.dist import read_launcher_env
 from util.registry import create_model
@@ -80,9 +88,38 @@ def kill_in_save(n: int) -> None:
     torch.save = save
 
 
+def fail_at_call(owner, name: str, n: int, error: Callable[[], BaseException]) -> None:
+    """`owner.name` raises `error()` at its n-th call (1-based) and works as before otherwise."""
+    original = getattr(owner, name)
+    calls = 0
+
+    def wrapper(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            raise error()
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
+def refused_image() -> BaseException:
+    return util.datasets.BadImageError.for_file("train/dark/003.png", OSError("image file is truncated (5 bytes not processed)"))
+
+
+def out_of_memory() -> BaseException:
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by tests/fault_worker.py)")
+
+
+def unwritable() -> BaseException:
+    return PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+
 if __name__ == "__main__":
     fault, n = sys.argv[1], int(sys.argv[2])
     main_pretrain.create_model = one_block_deep
+    if "RANK_FOLDERS" in os.environ:
+        os.chdir(os.path.join(os.environ["RANK_FOLDERS"], f"rank{read_launcher_env().rank}"))
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     if first_attempt and read_launcher_env().rank == int(os.environ.get("FAULT_RANK", "0")):
         if fault == "kill_at_forward":
@@ -91,6 +128,14 @@ if __name__ == "__main__":
             signal_at_forward(n, signal.SIGSTOP)
         elif fault == "kill_in_save":
             kill_in_save(n)
+        elif fault == "nan_at_forward":
+            models_mae.MaskedAutoencoderViT.forward = poisoned_forward(lambda call: call >= n)
+        elif fault == "bad_image":
+            fail_at_call(util.datasets.SeededDataset, "__getitem__", n, refused_image)
+        elif fault == "oom_at_forward":
+            fail_at_call(models_mae.MaskedAutoencoderViT, "forward", n, out_of_memory)
+        elif fault == "unwritable_save":
+            fail_at_call(util.checkpoint.tempfile, "mkstemp", n, unwritable)
         elif fault != "none":
             raise SystemExit(f"unknown fault {fault!r}")
     main_pretrain.main(parse_with_config(main_pretrain.get_args_parser(), sys.argv[3:]))

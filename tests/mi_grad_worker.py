@@ -1,5 +1,5 @@
-"""Each rank computes MI-MAE's loss on its half of a fixed batch with --nce_gather; gradients averaged like DDP
-are saved by rank 0 (for tests/test_mi_mae_distributed.py)."""
+"""Each rank computes MI-MAE's loss (its defaults: gathered negatives, global BatchNorm and CLUB moments) on its
+half of a fixed batch; gradients averaged like DDP are saved by rank 0 (for tests/test_mi_mae_distributed.py)."""
 import sys
 
 import torch
@@ -16,9 +16,8 @@ def fixed_batch(size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
 
 def model_gradients(images: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    # no BatchNorm in the projector and no standardised CLUB latents: their statistics are per rank, not per global batch
-    model = create_model("mi_mae_vit_tiny_patch4", norm_pix_loss=True, mi_proj="none", nce_gather=True,
-                         club_standardize=False)
+    # the defaults: the projector's global BatchNorm and CLUB's standardisation take the global batch's moments
+    model = create_model("mi_mae_vit_tiny_patch4", norm_pix_loss=True)
     model(images, noise).loss.backward()
     return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 

@@ -356,11 +356,11 @@ def test_models_that_cannot_be_built_or_resumed_fail_before_training(shallow_mod
 # ---------------------------------------------------------------- 7. distributed
 
 
-def _launch_rank(rank: int, port: int, argv: list[str], fault_rank: int) -> subprocess.Popen:
+def _launch_rank(rank: int, port: int, argv: list[str], fault_rank: int, **env) -> subprocess.Popen:
     """One rank as a cluster scheduler starts it (no torchrun agent to kill the others): RANK/WORLD_SIZE env."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": str(rank),
            "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "FAULT_RANK": str(fault_rank)}
+           "FAULT_RANK": str(fault_rank), **env}
     return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -404,3 +404,88 @@ def test_torchrun_restarts_after_a_rank_dies_and_resumes_from_the_last_checkpoin
     assert "(epoch 0 done)" in result.stdout  # the second attempt resumed from epoch 0's checkpoint
     assert epochs_logged(tmp_path) == [0, 1]
     assert_same_weights(last_checkpoint(tmp_path)["model"], uninterrupted, atol=2e-5)
+
+
+# Each fault hits one rank of two launched as a scheduler starts them (no torchrun agent to end the other):
+# (fault, forward/read/save count at which it strikes, the rank it strikes, what every rank's output must name).
+ONE_RANK_FAULTS = {
+    "nan_at_forward": (6, 1, "non-finite loss term(s) ['loss', 'rec'] on rank 1 of 2"),
+    "bad_image": (10, 1, "cannot read image train/dark/003.png"),
+    "oom_at_forward": (3, 1, "OutOfMemoryError: CUDA out of memory"),
+    "unwritable_save": (1, 0, "permission denied"),  # only rank 0 writes checkpoints
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", list(ONE_RANK_FAULTS))
+def test_a_fault_on_one_rank_stops_every_rank_within_seconds_naming_it(fault, tiny_imagefolder, tmp_path):
+    """Whatever stops one rank stops the other within seconds (not --dist_timeout, 300 s here), both exit non-zero,
+    and both outputs name the fault and the rank that hit it (util.dist.stop_together; the NaN check is a
+    collective, so every rank raises the same error)."""
+    count, fault_rank, cause = ONE_RANK_FAULTS[fault]
+    argv = ["tests/fault_worker.py", fault, str(count), *flags(tiny_imagefolder, tmp_path, batch_size=4, dist_timeout=300)]
+    port = _free_port()
+    start = time.monotonic()
+    ranks = [_launch_rank(rank, port, argv, fault_rank=fault_rank) for rank in (0, 1)]
+    exited: dict[int, float] = {}
+    try:
+        while len(exited) < 2 and time.monotonic() - start < 120:
+            exited.update({rank: time.monotonic() for rank, process in enumerate(ranks)
+                           if rank not in exited and process.poll() is not None})
+            time.sleep(0.1)
+        outputs = [process.communicate(timeout=5) for process in ranks] if len(exited) == 2 else None
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()
+    assert outputs is not None, f"a rank still runs {time.monotonic() - start:.0f} s after the start"
+    assert all(process.returncode not in (0, None) for process in ranks)
+    assert abs(exited[0] - exited[1]) <= 30, exited
+    for rank, (stdout, stderr) in enumerate(outputs):
+        output = (stdout + stderr).lower()
+        assert cause.lower() in output, f"rank {rank} does not name the fault:\n{stderr[-3000:]}"
+        assert f"rank {fault_rank} of 2" in output, f"rank {rank} does not name rank {fault_rank}:\n{stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def two_epoch_checkpoints(tiny_imagefolder, tmp_path_factory) -> Path:
+    """checkpoint-0.pth and checkpoint-1.pth of one process x batch 8 (the one-block models of fault_worker.py)."""
+    out = tmp_path_factory.mktemp("two_epochs")
+    run_script(["tests/fault_worker.py", "none", "0", *flags(tiny_imagefolder, out, save_freq=1)])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank1_sees", ["the same file", "no file", "an older file"])
+def test_rank_0_chooses_the_checkpoint_and_every_rank_resumes_from_it(rank1_sees, two_epoch_checkpoints, tiny_imagefolder,
+                                                                      tmp_path):
+    """Per-rank output folders (a relative --output_dir under a folder per rank, as per-node disks): rank 0 holds epoch
+    0's checkpoint; rank 1 holds the same, none, or epoch 1's. The same file: both resume at epoch 1 and end with
+    the weights of the uninterrupted run. Otherwise both stop, naming the path or the epochs each rank read."""
+    for rank, source in ((0, "checkpoint-0.pth"), (1, {"the same file": "checkpoint-0.pth", "no file": None,
+                                                        "an older file": "checkpoint-1.pth"}[rank1_sees])):
+        (tmp_path / f"rank{rank}" / "out").mkdir(parents=True)
+        if source is not None:
+            shutil.copy(two_epoch_checkpoints / source, tmp_path / f"rank{rank}" / "out" / "checkpoint-last.pth")
+    argv = ["tests/fault_worker.py", "none", "0", *flags(tiny_imagefolder, Path("out"), batch_size=4, dist_timeout=60)]
+    port = _free_port()
+    ranks = [_launch_rank(rank, port, argv, fault_rank=0, RANK_FOLDERS=str(tmp_path)) for rank in (0, 1)]
+    try:
+        outputs = [process.communicate(timeout=90) for process in ranks]
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()
+    if rank1_sees == "the same file":
+        assert [process.returncode for process in ranks] == [0, 0], outputs[1][1][-3000:]
+        assert "resumed from out/checkpoint-last.pth (epoch 0 done)" in outputs[0][0]
+        assert epochs_logged(tmp_path / "rank0" / "out") == [1]  # log.txt held no line: only epoch 1 ran
+        assert_same_weights(last_checkpoint(tmp_path / "rank0" / "out")["model"],
+                            load_checkpoint(two_epoch_checkpoints / "checkpoint-1.pth")["model"], atol=2e-5)
+        return
+    assert all(process.returncode not in (0, None) for process in ranks)
+    expected = {"no file": "rank 1 of 2 cannot read out/checkpoint-last.pth",
+                "an older file": "the ranks read different checkpoints at out/checkpoint-last.pth: epochs [0, 1]"}[rank1_sees]
+    for rank, (_, stderr) in enumerate(outputs):
+        assert expected in stderr, f"rank {rank}:\n{stderr[-3000:]}"
+    assert load_checkpoint(tmp_path / "rank0" / "out" / "checkpoint-last.pth")["epoch"] == 0  # nothing written is lost

@@ -164,6 +164,7 @@ def test_sbatch_requests_gpus_only_for_gpu_runs(slurm_cluster, tiny_imagefolder,
                  "--partition=learn", "--account=mim", "--qos=high", "--constraint=volta32gb", "--comment=deadline",
                  "--exclude='n[1-2]'", "--time=4320"):
         assert f"#SBATCH {line}\n" in gpu, line
+    assert "srun --unbuffered" in gpu and "--kill-on-bad-exit=1" in gpu  # a dead task ends the step
     cpu = sbatch_text("--device", "cpu", "--ngpus", "2")
     assert "#SBATCH --ntasks-per-node=2\n" in cpu and "--gpus" not in cpu and "--mem" not in cpu and "--partition" not in cpu
 

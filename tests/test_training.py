@@ -211,3 +211,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_imagefold
     checkpoint = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert checkpoint["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+def test_clip_grad_leaves_out_the_online_probe(shallow_models, tiny_imagefolder, tmp_path):
+    """A passive probe must not change training: under --clip_grad the model's weights are bitwise those of the run
+    without --online_probe (MI-MAE, whose V is left out of the clipping too), and the clipping did act."""
+    import main_pretrain
+    from util.config import parse_with_config
+
+    def train(name: str, **overrides) -> dict[str, torch.Tensor]:
+        flags = pretrain_flags(tiny_imagefolder, tmp_path / name, model="mi_mae_vit_tiny_patch4", epochs=1, warmup_epochs=0,
+                               blr=1e-2, knn_freq=0, vis_freq=0, save_freq=0, **overrides)
+        return main_pretrain.main(parse_with_config(main_pretrain.get_args_parser(), flags)).state_dict()
+
+    clipped_with_probe = train("probe", online_probe="true", clip_grad=0.05)
+    clipped_without_probe = train("no_probe", online_probe="false", clip_grad=0.05)
+    assert_same_weights(clipped_with_probe, clipped_without_probe)
+    unclipped = train("unclipped", online_probe="false")
+    assert not torch.equal(unclipped["blocks.0.attn.qkv.weight"], clipped_without_probe["blocks.0.attn.qkv.weight"])

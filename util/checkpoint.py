@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from util.config import args_to_dict
+from util.dist import all_gather_object, broadcast_object, get_rank, get_world_size, is_main_process, raised_on_every_rank
 
 LAST = "checkpoint-last.pth"
 # A failed write says why in words: torch.save reports a full disk as a RuntimeError whose context is the OSError.
@@ -151,6 +152,32 @@ def find_resume_checkpoint(args) -> Optional[Path]:
         return Path(args.resume)
     last = Path(args.output_dir) / LAST
     return last if args.auto_resume and last.is_file() else None
+
+
+def load_resume_checkpoint(args) -> Optional[tuple[Path, dict[str, Any]]]:
+    """The checkpoint to resume from and its content, or None for a fresh start. Rank 0 chooses it
+    (`find_resume_checkpoint`) and every rank reads rank 0's choice, so that no rank starts afresh while another
+    resumes (per-node disks, a stale network-file-system view). A ValueError names a file that is not a readable
+    checkpoint. With several ranks, a rank that cannot read the file stops the run naming the path, and ranks that
+    read different epochs there stop together naming them."""
+    path = broadcast_object(find_resume_checkpoint(args) if is_main_process() else None)
+    if path is None:
+        return None
+    world = get_world_size()
+    if world == 1:
+        return path, load_checkpoint(path)
+    try:
+        checkpoint = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: rank {get_rank()} of {world} cannot read {path}, the checkpoint that rank 0 resumes "
+                         f"from: {err}. Every rank reads it: put --output_dir on a file system that every node "
+                         f"shares") from err
+    epochs = all_gather_object(checkpoint.get("epoch"))
+    if len(set(epochs)) > 1:
+        raise raised_on_every_rank(SystemExit(
+            f"error: the ranks read different checkpoints at {path}: epochs {epochs} in rank order. --output_dir "
+            f"must be one folder that every node sees the same (a shared file system, not per-node disks)"))
+    return path, checkpoint
 
 
 def save_training_state(args, epoch: int, state: dict[str, Any]) -> None:

@@ -19,9 +19,10 @@ def nt_xent_loss(u1: torch.Tensor, u2: torch.Tensor, temperature: float) -> tupl
         raise ValueError(f"the two views' embeddings differ in shape: {tuple(u1.shape)} and {tuple(u2.shape)}")
     rows = u1.shape[0]
     u = torch.cat([u1, u2]).float()
-    logits = u @ u.T / temperature  # (2N, 2N)
+    with torch.autocast(u.device.type, enabled=False):  # else the matmul runs in half precision under autocast
+        logits = u @ u.T / temperature  # (2N, 2N)
     logits = logits.masked_fill(torch.eye(2 * rows, dtype=torch.bool, device=u.device), float("-inf"))
-    positive = torch.cat([torch.arange(rows, 2 * rows), torch.arange(rows)]).to(u.device)
+    positive = torch.arange(2 * rows, device=u.device).roll(rows)  # i+ of row i, made on the device
     loss = F.cross_entropy(logits, positive)
     accuracy = (logits.argmax(dim=1) == positive).float().mean() * 100
     return loss, accuracy.detach()

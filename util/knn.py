@@ -2,6 +2,8 @@
 import torch
 import torch.nn.functional as F
 
+from util.dist import gather_shards
+
 
 @torch.no_grad()
 def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
@@ -22,10 +24,13 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
 @torch.no_grad()
 def extract_features(model, loader, device: torch.device, amp_context) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder cls features of a whole loader (model.extract_features), on the CPU, with labels."""
+    """Encoder cls features (model.extract_features) of a whole data set, on the CPU, with labels. Under several
+    ranks the loader holds this rank's shard of an unshuffled DistributedSampler (util.run.make_loader): each rank
+    encodes its shard and every rank gets all rows in the data set's order."""
     features, labels = [], []
     for batch in loader:
         with amp_context():
             features.append(model.extract_features(batch[0].to(device, non_blocking=True)).float().cpu())
         labels.append(batch[1])
-    return torch.cat(features), torch.cat(labels)
+    total = len(loader.dataset)
+    return gather_shards(torch.cat(features), total), gather_shards(torch.cat(labels), total)

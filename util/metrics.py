@@ -4,11 +4,14 @@ from typing import Optional
 
 import torch
 
-from util.dist import all_reduce_max, all_reduce_mean
+from util.dist import all_reduce_max, all_reduce_sum, get_rank, get_world_size
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or inf; the message names the term(s) and the step."""
+    """A loss term became NaN or inf; the message names the term(s), the rank and the step. Raised by every rank
+    together (the check is collective), so util.dist.stop_together has nothing to forward."""
+
+    raised_on_every_rank = True
 
 
 NON_FINITE_ADVICE = "Lower the lr, use --amp bf16 instead of fp16, or set --clip_grad."
@@ -45,23 +48,31 @@ class RunningTerms:
         self.first_bad_step = torch.where(newly_bad, torch.full_like(self.first_bad_step, step), self.first_bad_step)
         self.bad[rows] |= ~finite & (self.first_bad_step == step)
         self.sums.index_add_(0, rows, torch.where(finite, values, torch.zeros_like(values)))
-        self.counts.index_add_(0, rows, torch.ones_like(values))
+        self.counts.index_add_(0, rows, finite.float())  # means over the finite values
 
-    def check_finite(self) -> None:
-        """Raise NonFiniteLossError if any term was non-finite (one host sync)."""
-        if self.names and self.first_bad_step.item() >= 0:
-            names = [n for n, b in zip(self.names, self.bad.tolist()) if b]
-            raise NonFiniteLossError(
-                f"non-finite loss term(s) {names} at step {self.first_bad_step.item()} of this epoch; "
-                f"the last checkpoint was kept. {NON_FINITE_ADVICE} (--nan_policy skip skips such steps)"
-            )
+    def means(self, raise_non_finite: bool = True) -> dict[str, float]:
+        """Means over the epoch so far, averaged over ranks; one all-reduce and one host sync.
 
-    def means(self) -> dict[str, float]:
-        """Means over the epoch so far, averaged over ranks (one host sync)."""
+        The all-reduce also carries each rank's first non-finite step and terms, so that with `raise_non_finite`
+        every rank raises the same NonFiniteLossError, naming the lowest rank that saw one, at the same call:
+        no rank is left waiting in a collective for a rank that stopped."""
         if not self.names:
             return {}
-        averaged = all_reduce_mean(self.sums / self.counts.clamp(min=1)).tolist()
-        return dict(zip(self.names, averaged))
+        count, world, rank = len(self.names), get_world_size(), get_rank()
+        faults = torch.zeros(world, 1 + count, device=self.device)  # per rank: first bad step + 1, bad flags
+        faults[rank, 0] = (self.first_bad_step + 1).float()
+        faults[rank, 1:] = self.bad.float()
+        reduced = all_reduce_sum(torch.cat([self.sums / self.counts.clamp(min=1), faults.flatten()])).tolist()
+        faults = [reduced[count + r * (1 + count):count + (r + 1) * (1 + count)] for r in range(world)]
+        bad_rank = next((r for r, row in enumerate(faults) if row[0] > 0), None)
+        if raise_non_finite and bad_rank is not None:
+            names = [name for name, flag in zip(self.names, faults[bad_rank][1:]) if flag]
+            where = f" on rank {bad_rank} of {world}" if world > 1 else ""
+            raise NonFiniteLossError(
+                f"non-finite loss term(s) {names}{where} at step {int(faults[bad_rank][0]) - 1} of this epoch; "
+                f"the last checkpoint was kept. {NON_FINITE_ADVICE} (--nan_policy skip skips such steps)"
+            )
+        return {name: value / world for name, value in zip(self.names, reduced[:count])}
 
 
 class NonFiniteStepSkipper:
@@ -85,11 +96,18 @@ class NonFiniteStepSkipper:
     def finite(self, terms: dict[str, torch.Tensor], epoch: int, step: int) -> bool:
         """Whether every term of this micro-step is finite on every rank (remembered for the window if not)."""
         values = torch.stack([value.detach().float() for value in terms.values()])
-        bad = all_reduce_max((~torch.isfinite(values)).to(torch.int32)).tolist()
-        names = [name for name, flag in zip(terms, bad) if flag]
-        if names and self.pending is None:
-            self.pending = f"non-finite loss term(s) {names} at step {step} of epoch {epoch}"
-        return not names
+        world = get_world_size()
+        bad = torch.zeros(world, len(terms), dtype=torch.int32, device=values.device)
+        bad[get_rank()] = (~torch.isfinite(values)).to(torch.int32)
+        bad = all_reduce_max(bad).tolist()
+        bad_rank = next((r for r, row in enumerate(bad) if any(row)), None)
+        if bad_rank is None:
+            return True
+        if self.pending is None:
+            names = [name for name, flag in zip(terms, bad[bad_rank]) if flag]
+            where = f" on rank {bad_rank} of {world}" if world > 1 else ""
+            self.pending = f"non-finite loss term(s) {names}{where} at step {step} of epoch {epoch}"
+        return False
 
     def allow_step(self) -> bool:
         """At the end of an accumulation window: True to step the optimizer, False to drop the window's gradients.

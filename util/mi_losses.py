@@ -5,9 +5,15 @@
 - `gaussian_log_likelihood`: the per-pair log q(z|x) averaged over feature dimensions, V's training signal.
 - `standardize`: per-feature zero mean and unit variance over the samples, which makes CLUB scale-free.
 - `marginal_gaussian_nll`: the NLL of a per-feature Gaussian that ignores x, the no-information baseline of V.
+
+The moments of `standardize` and `marginal_gaussian_nll` are those of every rank's samples (util.dist.global_mean_var;
+one process: its own), so that W ranks compute what one process computes on the global batch. The InfoNCE logits
+are computed with autocast off: under bf16/fp16 autocast a matmul would run in half precision whatever its inputs.
 """
 import torch
 import torch.nn.functional as F
+
+from util.dist import global_mean_var
 
 
 def multi_positive_info_nce(
@@ -20,7 +26,8 @@ def multi_positive_info_nce(
     `anchor_index` (R,) gives each anchor's own row among the candidates, which is left out.
     Returns the loss and the top-1 accuracy (%) of retrieving a positive among the candidates.
     """
-    logits = anchors.float() @ candidates.float().T / temperature  # (R, C)
+    with torch.autocast(anchors.device.type, enabled=False):
+        logits = anchors.float() @ candidates.float().T / temperature  # (R, C)
     own = F.one_hot(anchor_index, candidates.shape[0]).bool()
     logits = logits.masked_fill(own, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
@@ -55,21 +62,23 @@ def club_upper_bound(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) ->
 
 def club_upper_bound_sampled(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                              generator: torch.Generator | None = None) -> torch.Tensor:
-    """CLUB's sampled variant: each pair a is contrasted with one random partner b of the same image."""
-    perm = torch.argsort(torch.rand(z.shape[0], z.shape[1], generator=generator).to(z.device), dim=1)
+    """CLUB's sampled variant: each pair a is contrasted with one random partner b of the same image. The
+    permutation is drawn on z's device (from `generator`, which must live there, or that device's default one):
+    no host round trip."""
+    perm = torch.argsort(torch.rand(z.shape[0], z.shape[1], generator=generator, device=z.device), dim=1)
     shuffled = torch.gather(z, 1, perm.unsqueeze(-1).expand_as(z))
     return (gaussian_log_likelihood(z, mu, logvar) - gaussian_log_likelihood(shuffled, mu, logvar)).mean()
 
 
 
 def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """(..., D) -> per-feature zero mean, unit (biased) variance over every leading position, in float32.
+    """(..., D) -> per-feature zero mean, unit (biased) variance over every leading position of every rank, in
+    float32.
 
     The statistics keep their gradient (as in BatchNorm), so an encoder cannot lower a bound computed on the
     result by shrinking its latents: CLUB with a Gaussian q is otherwise not scale-invariant once log sigma^2
     is bounded below, and scaling z down is then the cheapest way to lower it."""
-    flat = z.float().reshape(-1, z.shape[-1])
-    mean, var = flat.mean(0), flat.var(0, unbiased=False)
+    mean, var = global_mean_var(z.float().reshape(-1, z.shape[-1]))
     return (z.float() - mean) * torch.rsqrt(var + eps)
 
 
@@ -77,5 +86,5 @@ def marginal_gaussian_nll(z: torch.Tensor) -> torch.Tensor:
     """NLL (in `gaussian_log_likelihood`'s units: no 2*pi, mean over features) of a per-feature Gaussian fitted
     to the samples of z (..., D) by maximum likelihood: mean_d [1 + log var_d] / 2. A V that uses x must score
     below it; the difference is V's information gain (`v_gain`)."""
-    var = z.float().reshape(-1, z.shape[-1]).var(0, unbiased=False)
+    _, var = global_mean_var(z.float().reshape(-1, z.shape[-1]))
     return 0.5 * (1.0 + var.clamp(min=1e-12).log()).mean()

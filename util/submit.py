@@ -295,6 +295,9 @@ def make_executor(launcher: argparse.Namespace, args: argparse.Namespace, name: 
         gpus_per_node=launcher.ngpus if args.device.startswith("cuda") else None,
         cpus_per_task=cpus_per_task(launcher, args),
         mem_gb=launcher.mem_per_gpu * launcher.ngpus or None,
+        # one task that exits non-zero ends the job step: its peers stop instead of waiting out --dist_timeout
+        # (util.dist.stop_together already ends them within seconds when the failing task can say why)
+        slurm_srun_args=["--kill-on-bad-exit=1"],
         **slurm_only,
     )
     return executor
