@@ -148,6 +148,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     group.add_argument("--eval", action="store_true", help="only evaluate --resume (or --finetune) on the val split")
     group.add_argument("--print_freq", default=20, type=int, help="steps between console lines (the only host syncs inside an epoch)")
     group.add_argument("--dist_timeout", default=1800, type=int, help="seconds before a collective waiting on a dead rank fails")
+    group.add_argument("--dist_eval", action="store_true",
+                       help="accepted for the official MAE commands, which pass it; evaluation here is always distributed "
+                            "(each rank scores its shard of the val split and the counts are summed), so it changes nothing")
 
 
 def validate_common_args(args, parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,7 @@
 """The precision policy (util/precision.py) on GPUs that are not here: `--amp auto` and TF32 by compute capability,
 with the device's properties mocked; and the scripts' use of it (the GradScaler that fp16 needs)."""
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +52,13 @@ def test_amp_auto_follows_the_compute_capability(mocked_gpu, capability, expecte
     mocked_gpu(*capability)
     assert resolve_amp("auto", CUDA) == expected
     assert resolve_amp("auto", torch.device("cuda", 1)) == expected
-    assert [resolve_amp(amp, CUDA) for amp in ("bf16", "fp16", "none")] == ["bf16", "fp16", "none"]  # as given
+    assert [resolve_amp(amp, CUDA) for amp in ("fp16", "none")] == ["fp16", "none"]  # as given
+    if capability[0] >= 8:
+        assert resolve_amp("bf16", CUDA) == "bf16"
+    else:  # emulated there: refused, naming the fix
+        with pytest.raises(ValueError, match=r"--amp bf16: the GPU mocked sm\d+ \(compute capability \d\.\d\) has no bf16 "
+                                             r"tensor cores.*Use --amp auto"):
+            resolve_amp("bf16", CUDA)
 
 
 @pytest.mark.parametrize("capability", [(7, 0), (8, 0), (9, 0)])
@@ -155,3 +162,26 @@ def test_benchmark_takes_the_tf32_peak_from_the_datasheet(mocked_gpu, monkeypatc
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert benchmark.default_peak_tflops(CUDA, "tf32") == (494.5, "datasheet H100 tf32 dense")
     assert benchmark.default_peak_tflops(CUDA, "fp32")[0] == 67.0
+
+
+PRETRAIN_PRESETS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("**/pretrain_*.yaml"))
+
+
+@pytest.mark.parametrize("capability,amp,scaled", [((7, 0), "fp16", True), ((8, 0), "bf16", False)], ids=["V100", "A100"])
+def test_every_pretraining_preset_takes_the_precision_of_the_hardware(mocked_gpu, tf32_flags, capability, amp, scaled):
+    """The papers trained on V100s: every pre-training preset must run there in fp16 with a GradScaler and in bf16 on
+    an A100, not force one precision on both; an explicit --amp bf16 is refused on the V100."""
+    mocked_gpu(*capability)
+    assert len(PRETRAIN_PRESETS) > 30
+    for preset in PRETRAIN_PRESETS:
+        args = parse_with_config(main_pretrain.get_args_parser(), ["--config", str(preset)])
+        resolve_precision(args, CUDA)
+        assert args.amp == amp, preset.name
+        assert isinstance(grad_scaler_for(CUDA, args.amp), torch.amp.GradScaler) == scaled, preset.name
+    bf16 = parse_with_config(main_pretrain.get_args_parser(), ["--config", str(PRETRAIN_PRESETS[0]), "--amp", "bf16"])
+    if scaled:
+        with pytest.raises(SystemExit, match="error: --amp bf16: the GPU mocked sm70"):
+            resolve_precision(bf16, CUDA)
+    else:
+        resolve_precision(bf16, CUDA)
+        assert bf16.amp == "bf16"

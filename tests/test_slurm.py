@@ -290,7 +290,7 @@ def test_unmeetable_request_fails_before_sbatch(fake_slurm, tiny_imagefolder, ex
 
 
 def test_default_workers_fit_the_node_and_sbatch_refusal_is_one_line(fake_slurm, tiny_imagefolder, monkeypatch, capsys):
-    """A CPU job without --num_workers on partition cpu (nodes of 32 and 64 CPUs): the default (this machine's
+    """A one-process CPU job without --num_workers on partition cpu (nodes of 32 and 64 CPUs): the default (this machine's
     CPUs, here made 80) becomes 63, so 64 CPUs per task; sbatch then refuses, and that is one line naming sbatch's
     reason."""
     def parser_on_an_80_cpu_machine():
@@ -308,7 +308,7 @@ def test_default_workers_fit_the_node_and_sbatch_refusal_is_one_line(fake_slurm,
     monkeypatch.setattr("util.submit.make_executor", fake_executor)
     with pytest.raises(SystemExit) as failure:
         launch(parser_on_an_80_cpu_machine, main_pretrain.validate_args, main_pretrain.main, "mim_test",
-               fake_flags(tiny_imagefolder, fake_slurm / "out", "--partition", "cpu", "--device", "cpu"))
+               fake_flags(tiny_imagefolder, fake_slurm / "out", "--partition", "cpu", "--device", "cpu", "--ngpus", "1"))
     assert seen["num_workers"] == 63 and "#SBATCH --cpus-per-task=64\n" in seen["sbatch"]
     assert str(failure.value) == "error: sbatch refused the job: sbatch: error: Invalid generic resource (gres) specification"
     captured = capsys.readouterr()
@@ -362,3 +362,39 @@ def test_cluster_runs_default_cpu_submission(slurm_cluster, tiny_imagefolder, tm
     wait_for_completion(job)
     assert read_epochs(tmp_path) == [0]
     assert int(job_info(job.job_id)["NumCPUs"]) <= node_cpus()
+
+
+# The submitit commands of the official MAE's PRETRAIN.md and FINETUNE.md (facebookresearch/mae), verbatim but for
+# the shell variables: (script's module, command's flags, effective batch that MAE's text gives for it).
+OFFICIAL_MAE_COMMANDS = [
+    (main_pretrain, "--job_dir JOB --nodes 8 --use_volta32 --batch_size 64 --model mae_vit_large_patch16 --norm_pix_loss "
+                    "--mask_ratio 0.75 --epochs 800 --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05 --data_path DATA", 4096),
+    (main_finetune, "--job_dir JOB --nodes 4 --batch_size 32 --model vit_base_patch16 --finetune CKPT --epochs 100 --blr 5e-4 "
+                    "--layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 "
+                    "--dist_eval --data_path DATA", 1024),
+    (main_finetune, "--job_dir JOB --nodes 4 --use_volta32 --batch_size 32 --model vit_large_patch16 --finetune CKPT "
+                    "--epochs 50 --blr 1e-3 --layer_decay 0.75 --weight_decay 0.05 --drop_path 0.2 --reprob 0.25 "
+                    "--mixup 0.8 --cutmix 1.0 --dist_eval --data_path DATA", 1024),
+    (main_finetune, "--job_dir JOB --nodes 8 --use_volta32 --batch_size 16 --model vit_huge_patch14 --finetune CKPT "
+                    "--epochs 50 --blr 1e-3 --layer_decay 0.75 --weight_decay 0.05 --drop_path 0.3 --reprob 0.25 "
+                    "--mixup 0.8 --cutmix 1.0 --dist_eval --data_path DATA", 1024),
+    (main_linprobe, "--job_dir JOB --nodes 4 --batch_size 512 --model vit_base_patch16 --cls_token --finetune CKPT "
+                    "--epochs 90 --blr 0.1 --weight_decay 0.0 --dist_eval --data_path DATA", 16384),
+]
+
+
+@pytest.mark.parametrize("module,command,effective_batch", OFFICIAL_MAE_COMMANDS,
+                         ids=["pretrain_vit_large", "finetune_vit_base", "finetune_vit_large", "finetune_vit_huge", "linprobe_vit_base"])
+def test_the_official_mae_submitit_commands_parse_and_make_their_request(module, command, effective_batch, tmp_path):
+    """Each command parses here and asks SLURM for what MAE's launcher asks: --nodes nodes of 8 GPUs (its --ngpus
+    default), 8 tasks per node, 32 GB V100s for --use_volta32, 4320 minutes; the effective batch is MAE's."""
+    parser = module.get_args_parser()
+    launcher_flags = add_launcher_args(parser)
+    argv = command.replace("JOB", str(tmp_path / "job")).replace("DATA", str(tmp_path)).replace("CKPT", "x.pth").split()
+    launcher, args = split_args(parser.parse_args(argv), launcher_flags)
+    script = make_executor(launcher, args, "x")._executor._make_submission_file_text("command", "0")
+    nodes = int(command.split("--nodes ")[1].split()[0])
+    for line in (f"--nodes={nodes}", "--ntasks-per-node=8", "--gpus-per-node=8", "--time=4320"):
+        assert f"#SBATCH {line}\n" in script, line
+    assert ("#SBATCH --constraint=volta32gb\n" in script) == ("--use_volta32" in command)
+    assert args.batch_size * args.accum_iter * launcher.nodes * launcher.ngpus == effective_batch

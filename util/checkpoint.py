@@ -204,7 +204,7 @@ def save_training_state(args, epoch: int, state: dict[str, Any]) -> None:
 NOT_RESULT_FLAGS = frozenset({
     "output_dir", "log_dir", "resume", "auto_resume", "config", "code_version", "reference", "print_freq",
     "save_freq", "vis_freq", "knn_freq", "knn_k", "knn_max_train", "num_workers", "pin_mem", "dist_timeout",
-    "max_nan_skips", "eval", "dist_on_itp", "world_size", "local_rank", "dist_url",
+    "max_nan_skips", "eval", "dist_eval", "dist_on_itp", "world_size", "local_rank", "dist_url",
 })
 
 

@@ -29,7 +29,8 @@ AMP_HELP = ("autocast precision. auto (default): bf16 where the device computes 
             "GPUs of compute capability 7.x (V100, T4), as the official MAE code, since their tensor cores have no "
             "bf16 (torch.cuda.is_bf16_supported() says True there only through emulation); else none, since emulated "
             "bf16 runs many times slower than fp32. bf16 needs no loss scaling; fp16 adds a GradScaler and can "
-            "overflow with large models. args.yaml records what ran")
+            "overflow with large models. An explicit bf16 on a GPU without bf16 tensor cores (V100, T4) is refused "
+            "before any work. args.yaml records what ran")
 TF32_HELP = ("TF32 tensor cores for float32 matrix products and convolutions on GPUs of compute capability 8.0 or later "
              "(A100, H100, ...): all of --amp none, and the float32 work outside autocast; 10-bit mantissa inputs, "
              "float32 accumulation. false: full float32 (IEEE) products. Nothing changes on a CPU or an older GPU; "
@@ -50,7 +51,14 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """`--amp auto` -> bf16, fp16 or none for `device` (module docstring); any other value is returned as given."""
+    """`--amp auto` -> bf16, fp16 or none for `device` (module docstring); any other value is returned as given,
+    except bf16 on a GPU without bf16 tensor cores (compute capability < 8: V100, T4), a ValueError naming the fix:
+    torch would emulate it there, many times slower than fp16, without a word."""
+    if amp == "bf16" and device.type == "cuda" and cuda_capability(device)[0] < 8:
+        major, minor = cuda_capability(device)
+        raise ValueError(f"--amp bf16: the GPU {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
+                         f"has no bf16 tensor cores, so bf16 would be emulated, many times slower. Use --amp auto, which "
+                         f"trains there in fp16 with a GradScaler, as the official MAE code does on V100s (or --amp fp16)")
     if amp != "auto":
         return amp
     if device.type == "cuda":
@@ -98,7 +106,11 @@ def apply_tf32(tf32: bool, device: torch.device) -> bool:
 
 
 def resolve_precision(args, device: torch.device) -> None:
-    """Resolve `args.amp` and `args.tf32` for `device` in place, so that args.yaml records what runs, and set TF32.
-    The scripts then take their loss scaler from `grad_scaler_for(device, args.amp)`."""
-    args.amp = resolve_amp(args.amp, device)
+    """Resolve `args.amp` and `args.tf32` for `device` in place, so that args.yaml records what runs, and set TF32;
+    SystemExit for a precision the device cannot run natively (bf16 on a V100). The scripts then take their loss
+    scaler from `grad_scaler_for(device, args.amp)`."""
+    try:
+        args.amp = resolve_amp(args.amp, device)
+    except ValueError as err:  # before any work: the run cannot use this precision here
+        raise SystemExit(f"error: {err}") from err
     args.tf32 = apply_tf32(getattr(args, "tf32", True), device)

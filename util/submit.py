@@ -44,14 +44,17 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> list[str]:
     group.add_argument("--executor", default="slurm", choices=["slurm", "local"],
                        help="slurm: submit with sbatch and return; local: run the job's tasks on this machine and wait for them")
     group.add_argument("--nodes", default=1, type=int, help="nodes to request")
-    group.add_argument("--ngpus", default=1, type=int,
-                       help="processes per node, one per GPU; with --device cpu, CPU processes (gloo) and no GPU is requested")
+    group.add_argument("--ngpus", default=8, type=int,
+                       help="processes per node, one per GPU (8, as the official MAE launcher: --nodes 8 alone is 64 GPUs); "
+                            "with --device cpu, CPU processes (gloo) and no GPU is requested")
     group.add_argument("--timeout", default=4320, type=int, help="time limit in minutes; shortly before it the job is signalled and requeued")
     group.add_argument("--job_dir", default="", help="submitit's folder (job pickles, stdout/stderr per job id); default output_dir/submitit; must be visible from every node")
     group.add_argument("--partition", default="", help="SLURM partition (default: the cluster's default)")
     group.add_argument("--account", default="", help="SLURM account to charge")
     group.add_argument("--qos", default="", help="SLURM quality of service")
     group.add_argument("--constraint", default="", help="SLURM node features required, e.g. volta32gb")
+    group.add_argument("--use_volta32", action="store_true",
+                       help="32 GB V100 nodes: adds the node feature volta32gb to --constraint (the official MAE launcher's flag)")
     group.add_argument("--comment", default="", help="SLURM job comment")
     group.add_argument("--exclude", default="", help="SLURM nodes not to run on, e.g. node[01-03]")
     group.add_argument("--mem_per_gpu", default=0, type=int,
@@ -289,6 +292,8 @@ def make_executor(launcher: argparse.Namespace, args: argparse.Namespace, name: 
     executor = submitit.AutoExecutor(folder=folder, cluster=launcher.executor,
                                      slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES, local_max_num_timeout=MAX_TIMEOUT_REQUEUES)
     slurm_only = {f"slurm_{key}": getattr(launcher, key) for key in SLURM_ONLY_FLAGS if getattr(launcher, key)}
+    if launcher.use_volta32:  # the official launcher's request, joined to any other feature asked for
+        slurm_only["slurm_constraint"] = "&".join(filter(None, [launcher.constraint, "volta32gb"]))
     executor.update_parameters(
         name=name, timeout_min=launcher.timeout, nodes=launcher.nodes, tasks_per_node=launcher.ngpus,
         # CPU jobs request no GPU at all: a gres request fails on clusters (or partitions) without GPUs
