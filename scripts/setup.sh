@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up used by scripts/demo.sh and scripts/test.sh: a .venv with requirements.txt,
+# Idempotent set-up used by scripts/demo.sh and scripts/test.sh: a .venv with requirements.txt (first a torch build
+# for CUDA 12.6 where a GPU is older than the default build's sm_75, as a V100; util/cuda_build.py decides),
 # and Debian's Fashion-MNIST files when asked for (`scripts/setup.sh --fashion-mnist`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,13 @@ if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv
 fi
 if ! .venv/bin/python -c "import torch, torchvision, timm, numpy, tensorboard, submitit, yaml, pytest" 2>/dev/null; then
+    # A GPU older than the default torch build's oldest architecture (a V100: sm_70) needs another build first.
+    TORCH_INDEX="$("${PYTHON:-python3}" util/cuda_build.py --pip-index)"
+    if [ -n "$TORCH_INDEX" ]; then
+        echo "[setup] a GPU here needs a torch build with older architectures: pip install torch torchvision $TORCH_INDEX"
+        # shellcheck disable=SC2086
+        .venv/bin/pip install --quiet --disable-pip-version-check torch torchvision $TORCH_INDEX
+    fi
     echo "[setup] installing requirements.txt into .venv"
     .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
 fi

@@ -50,6 +50,13 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(device))
 
 
+def amp_for_gpu(capability: tuple[int, int]) -> str:
+    """What `--amp auto` picks on a CUDA GPU of this compute capability (present or not: tools/check_env.py)."""
+    if capability[0] >= 8:
+        return "bf16"
+    return "fp16" if capability[0] == 7 else "none"
+
+
 def resolve_amp(amp: str, device: torch.device) -> str:
     """`--amp auto` -> bf16, fp16 or none for `device` (module docstring); any other value is returned as given,
     except bf16 on a GPU without bf16 tensor cores (compute capability < 8: V100, T4), a ValueError naming the fix:
@@ -62,10 +69,7 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     if amp != "auto":
         return amp
     if device.type == "cuda":
-        major, _ = cuda_capability(device)
-        if major >= 8:
-            return "bf16"
-        return "fp16" if major == 7 else "none"
+        return amp_for_gpu(cuda_capability(device))
     if device.type == "cpu":
         return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "none"
     return "none"

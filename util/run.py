@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from util.config import command_line, git_sha, save_args
+from util.cuda_build import check_device
 from util.dist import DistInfo, is_main_process
 
 
@@ -62,10 +63,14 @@ def _epoch_of(line: str) -> Optional[int]:
 
 
 def resolve_device(requested: str) -> torch.device:
+    """The device to run on: the CPU when CUDA is asked for and absent. Stops, naming the install command, on a GPU
+    that this torch build has no kernels for (util.cuda_build.check_device)."""
     if requested.startswith("cuda") and not torch.cuda.is_available():
         print("CUDA is not available: running on the CPU")
         return torch.device("cpu")
-    return torch.device(requested)
+    device = torch.device(requested)
+    check_device(device)
+    return device
 
 
 def make_loader(dataset: Dataset, info: DistInfo, args, train: bool) -> DataLoader:
