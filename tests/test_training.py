@@ -108,9 +108,8 @@ def test_gradient_accumulation_matches_large_batch(straight_run, tiny_imagefolde
 
 @pytest.mark.slow
 def test_torchrun_two_gloo_ranks_match_one_process(straight_run, tiny_imagefolder, tmp_path):
-    """2 ranks x batch 4 == 1 process x batch 8: identical weights across ranks, same loss and weights as 1 process.
-
-    The online probe's BatchNorm sees per-rank batches, so the comparison is on the reconstruction loss."""
+    """2 ranks x batch 4 == 1 process x batch 8: identical weights across ranks, same loss and weights as 1 process,
+    the online probe's (global BatchNorm) and the k-NN monitor's (each rank encodes a shard) figures too."""
     run_script(["tests/pretrain_worker.py", *pretrain_flags(tiny_imagefolder, tmp_path, batch_size=4)], torchrun=2)
     rank0, rank1 = weights(tmp_path / "rank0.pt"), weights(tmp_path / "rank1.pt")
     assert_same_weights(rank0, rank1)
@@ -118,6 +117,8 @@ def test_torchrun_two_gloo_ranks_match_one_process(straight_run, tiny_imagefolde
     assert_same_weights(rank0, single, atol=2e-5)
     for ours, reference in zip(read_log(tmp_path), read_log(straight_run)):
         assert ours["train_rec"] == pytest.approx(reference["train_rec"], rel=1e-5)
+        assert ours["train_probe_ce"] == pytest.approx(reference["train_probe_ce"], rel=1e-4)
+        assert ours["test_knn_acc1"] == reference["test_knn_acc1"]
 
 
 @pytest.mark.slow
