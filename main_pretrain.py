@@ -299,6 +299,8 @@ def pretrain(args, info: DistInfo, device: torch.device) -> torch.nn.Module:
             prediction = knn_classify(bank_x, bank_y, query_x, args.knn_k, num_classes=num_classes)
             record["test_knn_acc1"] = (prediction == query_y).float().mean().item() * 100
             print(f"k-NN top-1 (k={args.knn_k}): {record['test_knn_acc1']:.2f}%")
+            if log_writer is not None:
+                log_writer.add_scalar("test/knn_acc1", record["test_knn_acc1"], epoch)
         if vis_images is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
             noise = torch.rand(vis_images.shape[0], model.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
             with autocast_for(device, args.amp):

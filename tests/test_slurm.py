@@ -398,3 +398,12 @@ def test_the_official_mae_submitit_commands_parse_and_make_their_request(module,
         assert f"#SBATCH {line}\n" in script, line
     assert ("#SBATCH --constraint=volta32gb\n" in script) == ("--use_volta32" in command)
     assert args.batch_size * args.accum_iter * launcher.nodes * launcher.ngpus == effective_batch
+
+
+def test_without_slurm_the_launcher_says_so_in_one_line(tiny_imagefolder, tmp_path, monkeypatch):
+    """No sbatch and srun on PATH (a workstation): one line naming them and --executor local, not submitit's traceback."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder
+    with pytest.raises(SystemExit, match=r"^error: --executor slurm needs SLURM's sbatch and srun, not found on PATH; "
+                                         r"on a machine without SLURM use --executor local"):
+        launch(main_pretrain.get_args_parser, main_pretrain.validate_args, main_pretrain.main, "mim_test",
+               ["--data_path", str(tiny_imagefolder), "--output_dir", str(tmp_path / "out"), "--device", "cpu"])

@@ -57,6 +57,12 @@ def test_outputs_of_a_run(straight_run):
         assert picture.height == 3 * (96 + PADDING) + PADDING and picture.width > 8 * (96 + PADDING) + 50
     assert (straight_run / "checkpoint-last.pth").is_file() and (straight_run / "checkpoint-0.pth").is_file()
     assert list(straight_run.glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(straight_run))
+    events.Reload()  # TensorBoard gets what log.txt gets, the k-NN monitor included
+    assert {"train/rec", "train/probe_acc", "test/knn_acc1"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("test/knn_acc1")] == [0, 1]
     checkpoint = torch.load(straight_run / "checkpoint-last.pth", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["args"]["model"] == "mae_vit_tiny_patch4"
     assert set(checkpoint["online_probe"]) == {"0.running_mean", "0.running_var", "0.num_batches_tracked", "1.weight", "1.bias"}

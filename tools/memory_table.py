@@ -86,5 +86,6 @@ def table() -> list[str]:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print("\n".join(table()))

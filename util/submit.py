@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import io
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -325,6 +326,9 @@ def launch(get_args_parser: Callable[[], argparse.ArgumentParser],
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
     if launcher.executor == "slurm":
+        if missing := [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]:
+            raise SystemExit(f"error: --executor slurm needs SLURM's {' and '.join(missing)}, not found on PATH; on a "
+                             f"machine without SLURM use --executor local (the same job on this machine)")
         argv_seen = list(sys.argv[1:] if argv is None else argv)
         config = load_config(args.config, parser) if args.config else {}
         check_against_cluster(launcher, args, lambda flag: flag_given(flag, argv_seen, config))
