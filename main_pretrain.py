@@ -37,7 +37,7 @@ from util.knn import extract_features, knn_classify
 from util.memory import count_step_memory, memory_warning
 from util.metrics import NonFiniteStepSkipper
 from util.precision import AMP_DTYPES, add_precision_args, autocast_for, grad_scaler_for, resolve_precision
-from util.registry import add_method_args, create_model, method_for, pretrain_models
+from util.registry import add_method_args, create_model, method_for, other_methods_flags, pretrain_models
 from util.run import (
     append_log,
     default_workers,
@@ -199,6 +199,8 @@ def pretrain(args, info: DistInfo, device: torch.device) -> torch.nn.Module:
     device = resolve_device(str(device))
     resolve_precision(args, device)  # --amp and --tf32 as they run (args.yaml records that); sets TF32 on a GPU
     set_effective_lr(args, info)
+    for flag in other_methods_flags(args.model):  # args.yaml and checkpoints hold what this run reads
+        delattr(args, flag)
     prepare_output_dir(args)
     seed_everything(args.seed)
 

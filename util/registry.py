@@ -75,6 +75,13 @@ def method_for(model_name: str) -> Method:
     return _METHODS[max(matches, key=len)]
 
 
+def other_methods_flags(model_name: str) -> set[str]:
+    """The flags of every method but `model_name`'s (knobs it shares with them excepted): a run of that model
+    reads none of them, so its args.yaml and checkpoints leave them out."""
+    own = {knob.name for knob in method_for(model_name).knobs}
+    return {knob.name for method in _METHODS.values() for knob in method.knobs} - own
+
+
 def add_method_args(parser: argparse.ArgumentParser) -> None:
     """Every method's own flags, so that --help documents them all; methods that share knobs (U-MAE and M-MAE)
     share one group."""
