@@ -246,15 +246,13 @@ def pretrain(args, info: DistInfo, device: torch.device) -> torch.nn.Module:
     run_state = RunState(args, model, optimizer, scaler, task.probe, train_data, nan_skips)
     try:
         resume = load_resume_checkpoint(args)  # rank 0's choice, read by every rank
-    except ValueError as err:  # pickled code or a corrupt file
-        raise SystemExit(f"error: {err}") from err
-    if resume is not None:
-        resume_path, checkpoint = resume
-        try:
+        if resume is not None:
+            resume_path, checkpoint = resume
             check_resumable(checkpoint, args, resume_path)
             start_epoch = run_state.restore(checkpoint, resume_path)
-        except ValueError as err:  # another model's weights
-            raise SystemExit(f"error: {err}") from err
+    except ValueError as err:  # pickled code, a corrupt file, or another model's weights
+        raise SystemExit(f"error: {err}") from err
+    if resume is not None:
         print(f"resumed from {resume_path} (epoch {checkpoint['epoch']} done)")
     truncate_log(args.output_dir, start_epoch)  # also on a fresh start: lines of a run killed before its first checkpoint
 

@@ -17,6 +17,11 @@ class NonFiniteLossError(RuntimeError):
 NON_FINITE_ADVICE = "Lower the lr, use --amp bf16 instead of fp16, or set --clip_grad."
 
 
+def non_finite_terms(names: list[str], rank: int, world: int) -> str:
+    """The start of every non-finite-loss message: the terms, and the rank that saw them when there are several."""
+    return f"non-finite loss term(s) {names}" + (f" on rank {rank} of {world}" if world > 1 else "")
+
+
 class RunningTerms:
     """Per-epoch sums of named scalar terms on the device, plus the first step at which any was non-finite.
 
@@ -67,9 +72,8 @@ class RunningTerms:
         bad_rank = next((r for r, row in enumerate(faults) if row[0] > 0), None)
         if raise_non_finite and bad_rank is not None:
             names = [name for name, flag in zip(self.names, faults[bad_rank][1:]) if flag]
-            where = f" on rank {bad_rank} of {world}" if world > 1 else ""
             raise NonFiniteLossError(
-                f"non-finite loss term(s) {names}{where} at step {int(faults[bad_rank][0]) - 1} of this epoch; "
+                f"{non_finite_terms(names, bad_rank, world)} at step {int(faults[bad_rank][0]) - 1} of this epoch; "
                 f"the last checkpoint was kept. {NON_FINITE_ADVICE} (--nan_policy skip skips such steps)"
             )
         return {name: value / world for name, value in zip(self.names, reduced[:count])}
@@ -105,8 +109,7 @@ class NonFiniteStepSkipper:
             return True
         if self.pending is None:
             names = [name for name, flag in zip(terms, bad[bad_rank]) if flag]
-            where = f" on rank {bad_rank} of {world}" if world > 1 else ""
-            self.pending = f"non-finite loss term(s) {names}{where} at step {step} of epoch {epoch}"
+            self.pending = f"{non_finite_terms(names, bad_rank, world)} at step {step} of epoch {epoch}"
         return False
 
     def allow_step(self) -> bool:
