@@ -16,10 +16,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from engine_pretrain import optimizer_step
 from models_vit import load_pretrained_encoder
+from util.batch import add_batch_args
 from util.checkpoint import RunState, load_checkpoint, load_resume_checkpoint, model_state_from
 from util.config import bool_flag
 from util.datasets import DATASETS, class_balanced_subset, dataset_labels, subset
 from util.dist import DistInfo, data_parallel, is_main_process
+from util.dry_run import GpuType, add_dry_run_args, dry_run_report
 from util.lr_sched import adjust_learning_rate
 from util.metrics import Progress, RunningTerms, accuracy
 from util.precision import add_precision_args, autocast_for, grad_scaler_for
@@ -99,9 +101,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     """Flags shared by main_finetune.py and main_linprobe.py, with each script's recipe defaults."""
     parser.add_argument("--config", default="", help="YAML file whose keys set these flags' defaults; the command line overrides it")
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--batch_size", default=batch_size, type=int, help="images per process; effective batch = batch_size x accum_iter x processes")
+    add_batch_args(group, batch_size, "images per process (with --effective_batch: the most, what fits in memory); "
+                                      "effective batch = batch_size x accum_iter x processes")
     group.add_argument("--epochs", default=epochs, type=int, help="training epochs")
-    group.add_argument("--accum_iter", default=1, type=int, help="accumulate gradients over this many steps")
     group.add_argument("--weight_decay", default=weight_decay, type=float, help="weight decay on weight matrices (none on biases, norms, pos_embed, cls_token)")
     group.add_argument("--lr", default=None, type=float, help="absolute lr; default blr x effective batch / 256")
     group.add_argument("--blr", default=blr, type=float, help="base lr per 256 images")
@@ -151,11 +153,16 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     group.add_argument("--dist_eval", action="store_true",
                        help="accepted for the official MAE commands, which pass it; evaluation here is always distributed "
                             "(each rank scores its shard of the val split and the counts are summed), so it changes nothing")
+    add_dry_run_args(parser)
 
 
 def validate_common_args(args, parser: argparse.ArgumentParser) -> None:
+    if args.batch_size < 1 or (args.accum_iter is not None and args.accum_iter < 1) or args.effective_batch < 0:
+        parser.error("--batch_size and --accum_iter must be positive, --effective_batch non-negative")
     if args.model not in list_models("vit_"):
         parser.error(f"--model: unknown model {args.model!r}; choose one of {list_models('vit_')}")
+    if args.dry_run:  # prices a run before its data and checkpoint are at hand
+        return
     if not args.data_path or not Path(args.data_path).exists():
         parser.error(f"--data_path: no such folder: {args.data_path!r}")
     if args.finetune and not Path(args.finetune).is_file():
@@ -201,6 +208,13 @@ def build_vit(args, num_classes: int, **kwargs) -> nn.Module:
         missing = load_pretrained_encoder(model, model_state_from(load_checkpoint(args.finetune)))
         print(f"loaded the encoder of {args.finetune}; newly initialised: {missing}")
     return model
+
+
+def classifier_dry_run(args, world_size: int, gpus: list[GpuType], kind: str) -> str:
+    """`--dry_run`'s report for fine-tuning or probing (util/dry_run.py); the model is built without reading the
+    --finetune checkpoint, which a dry run may not have at hand."""
+    model = build_vit(argparse.Namespace(**{**vars(args), "finetune": ""}), args.nb_classes or 1000)
+    return dry_run_report(args, world_size, gpus, model, kind)
 
 
 def fit(args, info: DistInfo, device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer,

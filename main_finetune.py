@@ -13,12 +13,12 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from models_vit import batchnorm_head
 from util.config import bool_flag, parse_with_config
+from engine_finetune import add_common_args, build_vit, classifier_dry_run, fit, training_images, validate_common_args
 from util.datasets import SeededDataset, build_dataset, build_transform
 from util.dist import DistInfo, cleanup, init_distributed, stop_together
-from engine_finetune import add_common_args, build_vit, fit, training_images, validate_common_args
+from util.dry_run import GpuType, gpu_types, world_size_of
 from util.lr_decay import param_groups_lrd
-from util.precision import resolve_precision
-from util.run import make_loader, prepare_output_dir, resolve_device, seed_everything, set_effective_lr
+from util.run import make_loader, start_run
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -68,18 +68,23 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> None:
-    """An error on one rank stops every rank (util.dist.stop_together)."""
+    """An error on one rank stops every rank (util.dist.stop_together). With --dry_run, prints the resolved run
+    instead."""
+    if args.dry_run:
+        print(dry_run(args, world_size_of(args), gpu_types(args.dry_run_gpu)))
+        return
     info, device = init_distributed(args.device, args.dist_timeout)
     with stop_together():
         finetune(args, info, device)
 
 
+def dry_run(args, world_size: int, gpus: list[GpuType]) -> str:
+    """What `--dry_run` prints for this world size and these GPU types (util/dry_run.py)."""
+    return classifier_dry_run(args, world_size, gpus, "finetune")
+
+
 def finetune(args, info: DistInfo, device: torch.device) -> None:
-    device = resolve_device(str(device))
-    resolve_precision(args, device)  # --amp and --tf32 as they run (args.yaml records that); sets TF32 on a GPU
-    set_effective_lr(args, info)
-    prepare_output_dir(args)
-    seed_everything(args.seed)
+    device = start_run(args, info, device)
 
     try:
         train_set = build_dataset(args.dataset, args.data_path, "train", build_transform(True, args.input_size, "finetune", args))

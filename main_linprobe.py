@@ -15,14 +15,15 @@ from timm.layers import trunc_normal_
 from timm.optim import Lars
 from torch.utils.data import TensorDataset
 
+from engine_finetune import add_common_args, build_vit, classifier_dry_run, fit, training_images, validate_common_args
+from models_vit import batchnorm_head
 from util.config import bool_flag, parse_with_config
 from util.datasets import SeededDataset, build_dataset, build_transform
-from util.knn import knn_classify
 from util.dist import DistInfo, cleanup, gather_shards, init_distributed, stop_together
-from engine_finetune import add_common_args, build_vit, fit, training_images, validate_common_args
-from models_vit import batchnorm_head
-from util.precision import autocast_for, resolve_precision
-from util.run import make_loader, prepare_output_dir, resolve_device, seed_everything, set_effective_lr
+from util.dry_run import GpuType, gpu_types, world_size_of
+from util.knn import knn_classify
+from util.precision import autocast_for
+from util.run import make_loader, start_run
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -65,18 +66,23 @@ def encode_dataset(encoder: nn.Module, loader, device: torch.device, amp: str) -
 
 
 def main(args) -> None:
-    """An error on one rank stops every rank (util.dist.stop_together)."""
+    """An error on one rank stops every rank (util.dist.stop_together). With --dry_run, prints the resolved run
+    instead."""
+    if args.dry_run:
+        print(dry_run(args, world_size_of(args), gpu_types(args.dry_run_gpu)))
+        return
     info, device = init_distributed(args.device, args.dist_timeout)
     with stop_together():
         linear_probe(args, info, device)
 
 
+def dry_run(args, world_size: int, gpus: list[GpuType]) -> str:
+    """What `--dry_run` prints for this world size and these GPU types (util/dry_run.py)."""
+    return classifier_dry_run(args, world_size, gpus, "linprobe")
+
+
 def linear_probe(args, info: DistInfo, device: torch.device) -> None:
-    device = resolve_device(str(device))
-    resolve_precision(args, device)  # --amp and --tf32 as they run (args.yaml records that); sets TF32 on a GPU
-    set_effective_lr(args, info)
-    prepare_output_dir(args)
-    seed_everything(args.seed)
+    device = start_run(args, info, device)
 
     kind = "finetune" if args.cached_features else "linprobe"  # cached: features of un-augmented images
     try:

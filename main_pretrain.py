@@ -21,6 +21,7 @@ from engine_pretrain import (
     set_fused_attn,
     train_one_epoch,
 )
+from util.batch import add_batch_args
 from util.checkpoint import RunState, load_resume_checkpoint
 from util.config import bool_flag, parse_with_config
 from util.datasets import DATASETS, SeededDataset, SkipBadImages, TrainData, build_dataset, build_transform, subset
@@ -33,19 +34,18 @@ from util.dist import (
     is_main_process,
     stop_together,
 )
+from util.dry_run import GpuType, add_dry_run_args, dry_run_report, gpu_types, world_size_of
 from util.knn import extract_features, knn_classify
 from util.memory import count_step_memory, memory_warning
 from util.metrics import NonFiniteStepSkipper
-from util.precision import AMP_DTYPES, add_precision_args, autocast_for, grad_scaler_for, resolve_precision
+from util.precision import AMP_DTYPES, add_precision_args, autocast_for, grad_scaler_for
 from util.registry import add_method_args, create_model, method_for, other_methods_flags, pretrain_models
 from util.run import (
     append_log,
     default_workers,
     make_loader,
-    prepare_output_dir,
-    resolve_device,
     seed_everything,
-    set_effective_lr,
+    start_run,
     truncate_log,
 )
 from util.visualize import reconstruction_grid
@@ -63,9 +63,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="", help="YAML file whose keys set these flags' defaults; the command line overrides it")
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--batch_size", default=64, type=int, help="images per process per step; effective batch = batch_size x accum_iter x processes")
+    add_batch_args(group, 64, "images per process per step (with --effective_batch: the most, what fits in memory); "
+                              "effective batch = batch_size x accum_iter x processes")
     group.add_argument("--epochs", default=400, type=int, help="pre-training epochs (MAE: 800; released weights 1600)")
-    group.add_argument("--accum_iter", default=1, type=int, help="accumulate gradients over this many steps (keep the effective batch on fewer GPUs)")
     group.add_argument("--weight_decay", default=0.05, type=float, help="AdamW weight decay (not on biases and norm weights)")
     group.add_argument("--lr", default=None, type=float, help="absolute lr; default blr x effective batch / 256")
     group.add_argument("--blr", default=1e-3, type=float, help="base lr per 256 images; MAE's recipe is 1.5e-4 at batch 4096")
@@ -138,6 +138,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--max_nan_skips", default=20, type=int,
                        help="with --nan_policy skip: skipped steps allowed in the whole run (counted across resumes; log.txt "
                             "has train_nan_skips per epoch); one more stops it, as a diverging run would only waste compute")
+    add_dry_run_args(parser)
     add_method_args(parser)
     return parser
 
@@ -152,14 +153,16 @@ def validate_args(args, parser: argparse.ArgumentParser) -> None:
             method.validate(args)
         except ValueError as err:
             parser.error(str(err))
-    if args.batch_size < 1 or args.accum_iter < 1:
-        parser.error("--batch_size and --accum_iter must be positive")
+    if args.batch_size < 1 or (args.accum_iter is not None and args.accum_iter < 1) or args.effective_batch < 0:
+        parser.error("--batch_size and --accum_iter must be positive, --effective_batch non-negative")
     if args.online_probe and args.batch_size < 2:
         parser.error("--online_probe trains a BatchNorm, which needs --batch_size of at least 2 per process")
     if args.max_nan_skips < 0:
         parser.error(f"--max_nan_skips must be non-negative, got {args.max_nan_skips}")
     if args.epochs < 1 or args.warmup_epochs < 0:
         parser.error("--epochs must be positive and --warmup_epochs non-negative")
+    if args.dry_run:  # prices a run before its data is at hand
+        return
     if not args.data_path:
         parser.error("--data_path is required")
     if not Path(args.data_path).exists():
@@ -189,25 +192,40 @@ def check_resumable(checkpoint: dict, args, path: Path) -> None:
 
 def main(args) -> torch.nn.Module:
     """Pre-train as `args` say; returns the trained model (every rank holds the same weights). An error on one rank
-    stops every rank (util.dist.stop_together)."""
+    stops every rank (util.dist.stop_together). With --dry_run, prints the resolved run instead and returns None."""
+    if getattr(args, "dry_run", False):
+        print(dry_run(args, world_size_of(args), gpu_types(args.dry_run_gpu)))
+        return None
     info, device = init_distributed(args.device, args.dist_timeout)
     with stop_together():
         return pretrain(args, info, device)
 
 
-def pretrain(args, info: DistInfo, device: torch.device) -> torch.nn.Module:
-    device = resolve_device(str(device))
-    resolve_precision(args, device)  # --amp and --tf32 as they run (args.yaml records that); sets TF32 on a GPU
-    set_effective_lr(args, info)
-    for flag in other_methods_flags(args.model):  # args.yaml and checkpoints hold what this run reads
-        delattr(args, flag)
-    prepare_output_dir(args)
-    seed_everything(args.seed)
+def whole_batch_of(args) -> str | None:
+    """Why the method needs each optimizer step to be one forward (util.spec.Method.whole_batch), or None."""
+    method = method_for(args.model)
+    return method.whole_batch(args) if method.whole_batch is not None else None
 
+
+def build_model(args) -> torch.nn.Module:
     try:
-        model = create_model(args.model, **method_for(args.model).model_kwargs(args))
+        return create_model(args.model, **method_for(args.model).model_kwargs(args))
     except ValueError as err:  # e.g. an input size the patch size does not divide
         raise SystemExit(f"error: --model {args.model} with --input_size {args.input_size}: {err}") from err
+
+
+def dry_run(args, world_size: int, gpus: list[GpuType]) -> str:
+    """What `--dry_run` prints for this world size and these GPU types (util/dry_run.py)."""
+    return dry_run_report(args, world_size, gpus, build_model(args), "pretrain", whole_batch_of(args))
+
+
+def pretrain(args, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    whole_batch = whole_batch_of(args)
+    for flag in other_methods_flags(args.model):  # args.yaml and checkpoints hold what this run reads
+        delattr(args, flag)
+    device = start_run(args, info, device, whole_batch)
+
+    model = build_model(args)
     check_pretrain_model(model, args.model)
     try:
         # the method's samples (MAE: one augmented view) and between-epoch work (CMAE: ContrastiveCrop's boxes)

@@ -171,9 +171,18 @@ def regularizer_run_label(args: dict) -> str:
     return {"uniformity": "U-MAE", "tcr": "M-MAE"}.get(args["reg"], default)
 
 
+def regularizer_whole_batch(args: argparse.Namespace) -> Optional[str]:
+    """The regulariser is a statistic of the gathered micro-batch (its m): accumulation would shrink m below the
+    recipe's batch instead of keeping it."""
+    if args.reg == "none" or args.reg_lambda == 0:
+        return None
+    name = args.reg or ("uniformity" if args.model.startswith("u_mae_") else "tcr")
+    return f"the {name} regulariser reads the gathered micro-batch as one sample (m = batch_size x processes)"
+
+
 METHODS = (
     Method(name="U-MAE", prefix="u_mae_", common_kwargs=mae_model_kwargs, knobs=REGULARIZER_KNOBS,
-           validate=validate_regularizer_args, run_label=regularizer_run_label),
+           validate=validate_regularizer_args, run_label=regularizer_run_label, whole_batch=regularizer_whole_batch),
     Method(name="M-MAE", prefix="m_mae_", common_kwargs=mae_model_kwargs, knobs=REGULARIZER_KNOBS,
-           validate=validate_regularizer_args, run_label=regularizer_run_label),
+           validate=validate_regularizer_args, run_label=regularizer_run_label, whole_batch=regularizer_whole_batch),
 )

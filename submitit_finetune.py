@@ -7,4 +7,5 @@ import main_finetune
 from util.submit import launch
 
 if __name__ == "__main__":
-    launch(main_finetune.get_args_parser, main_finetune.validate_args, main_finetune.main, "mim_finetune")
+    launch(main_finetune.get_args_parser, main_finetune.validate_args, main_finetune.main, "mim_finetune",
+           dry_run=main_finetune.dry_run)

@@ -8,4 +8,5 @@ from engine_finetune import validate_common_args
 from util.submit import launch
 
 if __name__ == "__main__":
-    launch(main_linprobe.get_args_parser, validate_common_args, main_linprobe.main, "mim_linprobe")
+    launch(main_linprobe.get_args_parser, validate_common_args, main_linprobe.main, "mim_linprobe",
+           dry_run=main_linprobe.dry_run)

@@ -9,6 +9,7 @@ import yaml
 import main_finetune
 import main_linprobe
 import main_pretrain
+from util.batch import plan_batch
 from util.config import load_config, parse_with_config
 
 PRESETS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("**/*.yaml"))
@@ -36,7 +37,7 @@ def test_preset_parses_and_starts(preset, tiny_imagefolder, tmp_path, shallow_mo
     if args.reference is not None:  # the published number is also in the header a reader sees
         assert any(f"{args.reference['value']}" in line for line in header)
     tiny = ["--data_path", str(tiny_imagefolder), "--dataset", "imagefolder", "--input_size", "64", "--batch_size", "2",
-            "--accum_iter", "1", "--epochs", "1", "--subset_size", "2", "--num_workers", "0", "--device", "cpu",
+            "--accum_iter", "1", "--effective_batch", "0", "--epochs", "1", "--subset_size", "2", "--num_workers", "0", "--device", "cpu",
             "--output_dir", str(tmp_path), "--print_freq", "1"]
     if module is main_pretrain:
         tiny += ["--vis_freq", "0", "--knn_freq", "0"]
@@ -60,7 +61,8 @@ def test_mi_mae_imagenet_presets_follow_the_papers_recipe():
     for preset in MI_MAE_IMAGENET:
         args = parse_with_config(main_pretrain.get_args_parser(), ["--config", str(preset)])
         assert "--nproc_per_node 8 " in preset.read_text(), preset.name
-        assert (args.batch_size * args.accum_iter * 8, args.warmup_epochs, args.blr) == (1024, 10, 1.5e-4), preset.name
+        plan = plan_batch(args.effective_batch, 8, args.batch_size, args.accum_iter)
+        assert (plan.effective, args.warmup_epochs, args.blr) == (1024, 10, 1.5e-4), preset.name
         assert (args.weight_decay, args.mask_ratio, args.norm_pix_loss) == (0.05, 0.75, True), preset.name
         if "_tau" not in preset.name:
             assert args.mi_temperature == 0.07, preset.name
@@ -88,9 +90,10 @@ def test_fashion_mnist_ablation_rows_keep_the_demo_budget_and_change_one_thing()
     rows = {p.stem.removeprefix("pretrain_vit_tiny_fmnist").removeprefix("_"): p for p in FMNIST_ROWS}
     assert set(rows) == set(varied)
     compared = [a.dest for a in main_pretrain.get_args_parser()._actions
-                if a.dest not in ("help", "config", "data_path", "reference")]
+                if a.dest not in ("help", "config", "data_path", "reference", "effective_batch")]
     for name, preset in rows.items():
         args = parse_with_config(main_pretrain.get_args_parser(), ["--config", str(preset)])
+        assert args.effective_batch == demo.batch_size, name  # the demo's one process, declared
         differs = {key: getattr(args, key) for key in compared if getattr(args, key) != getattr(demo, key)}
         assert differs == varied[name], name
         if name:

@@ -22,6 +22,7 @@ from conftest import ROOT, run_script
 import main_finetune
 import main_linprobe
 import main_pretrain
+from util.batch import plan_batch
 from util.submit import (
     Node,
     Request,
@@ -397,7 +398,7 @@ def test_the_official_mae_submitit_commands_parse_and_make_their_request(module,
     for line in (f"--nodes={nodes}", "--ntasks-per-node=8", "--gpus-per-node=8", "--time=4320"):
         assert f"#SBATCH {line}\n" in script, line
     assert ("#SBATCH --constraint=volta32gb\n" in script) == ("--use_volta32" in command)
-    assert args.batch_size * args.accum_iter * launcher.nodes * launcher.ngpus == effective_batch
+    assert plan_batch(args.effective_batch, launcher.nodes * launcher.ngpus, args.batch_size, args.accum_iter).effective == effective_batch
 
 
 def test_without_slurm_the_launcher_says_so_in_one_line(tiny_imagefolder, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import main_pretrain  # noqa: E402  (the presets are main_pretrain.py's; its parser resolves them)
+from util.batch import plan_batch  # noqa: E402
 from util.config import parse_with_config  # noqa: E402
 from util.memory import count_step_memory  # noqa: E402
 from util.registry import create_model, method_for  # noqa: E402
@@ -76,12 +77,13 @@ def table() -> list[str]:
         counted = dict(zip(jobs, pool.map(count, jobs.values())))
     for preset, args in resolved:
         memory = counted[memory_key(args.model, method_for(args.model).model_kwargs(args))]
-        effective = args.batch_size * args.accum_iter * GPUS
+        plan = plan_batch(args.effective_batch, GPUS, args.batch_size, args.accum_iter, main_pretrain.whole_batch_of(args))
+        effective = plan.effective
         masks = f", N = {args.num_masks}" if args.model.startswith("mi_mae_") else ""
         cells = [per_gpu_plan(memory.max_batch(capacity, ckpt), effective)
                  for capacity in V100_BYTES.values() for ckpt in (False, True)]
-        lines.append(f"| `{preset.relative_to(ROOT / 'configs')}` | `{args.model}`{masks} | {args.batch_size} x "
-                     f"{args.accum_iter} = {effective} | " + " | ".join(cells) + " |")
+        lines.append(f"| `{preset.relative_to(ROOT / 'configs')}` | `{args.model}`{masks} | {plan.batch_size} x "
+                     f"{plan.accum_iter} = {effective} | " + " | ".join(cells) + " |")
     return lines
 
 

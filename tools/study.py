@@ -196,7 +196,8 @@ def pretrain_flags(args, row: str, epochs: int, seed: int, common: list[str], fo
     batch = max(1, args.sequences_per_step // per_image)
     return ["--config", ROWS[row][1], *common, "--seed", str(seed), "--epochs", str(epochs),
             "--warmup_epochs", str(max(1, round(args.warmup_epochs * epochs / args.epochs))),
-            "--batch_size", str(batch), "--lr", str(args.lr), "--subset_size", str(args.subset_size),
+            # the plan's own step (--sequences_per_step), not the preset's declared --effective_batch
+            "--batch_size", str(batch), "--effective_batch", "0", "--lr", str(args.lr), "--subset_size", str(args.subset_size),
             "--online_probe", "false", "--knn_freq", "0", "--vis_freq", str(epochs), "--print_freq", "100",
             "--output_dir", str(folder)]
 

@@ -1,4 +1,4 @@
-"""The memory of a pre-training step, from a count of what autograd keeps for the backward.
+"""The memory of a training step (pre-training or fine-tuning), from a count of what autograd keeps for the backward.
 
 `count_step_memory` runs one forward of the model on the CPU at a small batch, under the autocast dtype the step
 would use, with `torch.autograd.graph.saved_tensors_hooks` recording every tensor that autograd saves (each
@@ -104,10 +104,11 @@ def _count(model: nn.Module, input_size: int, amp_dtype, batch_size: int) -> tup
     device = next(model.parameters()).device
     views = getattr(model, "views_per_image", 1)  # CMAE: two views of each image
     images = torch.randn(batch_size, *((views,) if views > 1 else ()), 3, input_size, input_size, device=device)
-    noise = torch.rand(batch_size, model.noise_per_sample, device=device)
+    # a pre-training model takes each image's masking noise; a classifier (fine-tuning) the images alone
+    noise = (torch.rand(batch_size, model.noise_per_sample, device=device),) if hasattr(model, "noise_per_sample") else ()
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     with _recording(model) as (saved, inputs), autocast:
-        model(images, noise)
+        model(images, *noise)
     return saved.get(-1, 0), [saved.get(i, 0) for i in range(len(_blocks(model)))], sum(inputs.values())
 
 

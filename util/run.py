@@ -9,9 +9,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from util.batch import apply_batch_plan
 from util.config import command_line, git_sha, save_args
 from util.cuda_build import check_device
 from util.dist import DistInfo, is_main_process
+from util.dry_run import drop_dry_run_args
+from util.precision import resolve_precision
 
 
 def seed_everything(seed: int) -> None:
@@ -88,6 +91,21 @@ def make_loader(dataset: Dataset, info: DistInfo, args, train: bool) -> DataLoad
 
 def default_workers() -> int:
     return min(10, os.cpu_count() or 1)
+
+
+def start_run(args, info: DistInfo, device: torch.device, whole_batch: Optional[str] = None) -> torch.device:
+    """The start-up every main script shares, before any data or model is touched: the device (and whether this
+    torch build runs on it), the precision, the batch plan for this world size (`whole_batch`: why the method needs
+    accum_iter 1, util.batch), the lr, the output folder with args.yaml, the seeds. Returns the device to run on;
+    SystemExit for what cannot run."""
+    device = resolve_device(str(device))
+    resolve_precision(args, device)  # --amp and --tf32 as they run (args.yaml records that); sets TF32 on a GPU
+    apply_batch_plan(args, info.world_size, whole_batch)
+    set_effective_lr(args, info)
+    drop_dry_run_args(args)
+    prepare_output_dir(args)
+    seed_everything(args.seed)
+    return device
 
 
 def set_effective_lr(args, info: DistInfo) -> None:

@@ -207,6 +207,10 @@ class Method:
     # The method's training samples and between-epoch work, a util.datasets.TrainData subclass built from the
     # args (CMAE: two ContrastiveCrop views). Default: TrainData itself, MAE's one augmented view.
     train_data: Optional[Callable[[argparse.Namespace], object]] = None
+    # Why one optimizer step must be one forward over the whole gathered batch, or None where it need not: a loss
+    # that reads the batch as one sample (U-MAE's and M-MAE's regulariser, whose m is the micro-batch). With
+    # --effective_batch, accum_iter then stays 1 and the per-process batch follows the world size (util.batch).
+    whole_batch: Optional[Callable[[argparse.Namespace], Optional[str]]] = None
 
     def model_kwargs(self, args: argparse.Namespace) -> dict:
         """The factory's keyword arguments from parsed flags; a knob left at None means the model's own default

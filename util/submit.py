@@ -28,8 +28,10 @@ from typing import Callable, Optional, Sequence
 import submitit
 from submitit.core.utils import FailedJobError
 
+from util.batch import plan_batch
 from util.checkpoint import LAST
 from util.config import load_config, parse_with_config
+from util.dry_run import GpuType, drop_dry_run_args, gpu_types
 
 ROOT = Path(__file__).resolve().parent.parent
 # a long run outlives many partition time limits: each timeout requeues the job (pre-emptions do not count)
@@ -309,10 +311,29 @@ def make_executor(launcher: argparse.Namespace, args: argparse.Namespace, name: 
     return executor
 
 
+def job_script(executor: submitit.AutoExecutor) -> str:
+    """The sbatch script that submitting through `executor` would write (submitit's own text)."""
+    slurm = executor._executor  # submitit has no public call for the text; this is what its submit() writes
+    return slurm._make_submission_file_text(slurm._submitit_command_str, "dry_run")
+
+
+def requested_gpu(launcher: argparse.Namespace, args: argparse.Namespace) -> str:
+    """The GPU type a dry run prices: --dry_run_gpu, else V100 where the job asks for volta32gb nodes."""
+    if args.dry_run_gpu:
+        return args.dry_run_gpu
+    return "V100" if launcher.use_volta32 or "volta" in launcher.constraint.lower() else ""
+
+
 def launch(get_args_parser: Callable[[], argparse.ArgumentParser],
            validate: Callable[[argparse.Namespace, argparse.ArgumentParser], None],
-           main: Callable[[argparse.Namespace], object], name: str, argv: list[str] | None = None) -> submitit.Job:
-    """Parse the main script's flags plus the launcher's, submit the job, print where it writes; returns the job."""
+           main: Callable[[argparse.Namespace], object], name: str, argv: list[str] | None = None, *,
+           dry_run: Optional[Callable[[argparse.Namespace, int, list[GpuType]], str]] = None,
+           whole_batch: Callable[[argparse.Namespace], Optional[str]] = lambda args: None) -> Optional[submitit.Job]:
+    """Parse the main script's flags plus the launcher's, submit the job, print where it writes; returns the job.
+
+    `dry_run(args, world_size, gpu_types)` is the main script's `--dry_run` report, printed with the job script
+    instead of submitting (None is returned); `whole_batch(args)` says why the method needs accum_iter 1
+    (util.batch). A world size that cannot make --effective_batch is refused before submitting."""
     parser = get_args_parser()
     launcher_flags = add_launcher_args(parser)
     launcher, args = split_args(parse_with_config(parser, argv), launcher_flags)
@@ -321,17 +342,40 @@ def launch(get_args_parser: Callable[[], argparse.ArgumentParser],
         parser.error("--nodes and --ngpus must be positive")
     if launcher.executor == "local" and launcher.nodes > 1:
         parser.error("--executor local runs on this machine only: use --nodes 1")
+    if args.world_size:
+        parser.error(f"--world_size {args.world_size}: a job's world size is --nodes x --ngpus")
+    world_size = launcher.nodes * launcher.ngpus
+    try:
+        plan_batch(args.effective_batch, world_size, args.batch_size, args.accum_iter, whole_batch(args))
+    except ValueError as err:
+        nodes = [n for n in range(1, 4 * launcher.nodes + 9)
+                 if args.effective_batch and args.effective_batch % (n * launcher.ngpus) == 0]
+        nearest = sorted(nodes, key=lambda n: abs(n - launcher.nodes))[:2]
+        hint = f"; with --ngpus {launcher.ngpus}: --nodes {' or '.join(map(str, sorted(nearest)))}" if nearest else ""
+        parser.error(f"{err} (--nodes {launcher.nodes} x --ngpus {launcher.ngpus} = {world_size} processes{hint}; "
+                     f"nothing was submitted)")
     args.output_dir = str(Path(args.output_dir).resolve())
     # the job unpickles the main script's function: make the repository importable wherever it starts
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    is_dry_run, gpus = args.dry_run, gpu_types(requested_gpu(launcher, args)) if args.dry_run else []
+    drop_dry_run_args(args)  # the job's args.yaml records the run's flags only
 
     if launcher.executor == "slurm":
-        if missing := [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]:
+        if (missing := [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]) and not is_dry_run:
             raise SystemExit(f"error: --executor slurm needs SLURM's {' and '.join(missing)}, not found on PATH; on a "
                              f"machine without SLURM use --executor local (the same job on this machine)")
         argv_seen = list(sys.argv[1:] if argv is None else argv)
         config = load_config(args.config, parser) if args.config else {}
         check_against_cluster(launcher, args, lambda flag: flag_given(flag, argv_seen, config))
+    if is_dry_run:
+        if dry_run is None:
+            parser.error("--dry_run: this launcher has no report")
+        print(dry_run(args, world_size, gpus))
+        print(f"  job              {launcher.nodes} node(s) x {launcher.ngpus} task(s), one per GPU; output_dir "
+              f"{args.output_dir}; nothing was submitted")
+        if launcher.executor == "slurm":
+            print("job script (sbatch):\n" + job_script(make_executor(launcher, args, name)))
+        return None
     executor = make_executor(launcher, args, name)
     job = submit_job(executor, Trainer(main, args)) if launcher.executor == "slurm" else executor.submit(Trainer(main, args))
     print(f"submitted job {job.job_id} ({launcher.executor}: {launcher.nodes} node(s) x {launcher.ngpus} process(es))\n"
