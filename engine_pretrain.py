@@ -6,7 +6,7 @@ model against it once, when it is built."""
 import time
 import warnings
 from contextlib import nullcontext
-from typing import Iterable, NamedTuple, Optional, Protocol, runtime_checkable
+from typing import Callable, Iterable, NamedTuple, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,7 @@ from util.fast_augment import normalize_on_device
 from util.lr_sched import adjust_learning_rate
 from util.metrics import NonFiniteStepSkipper, Progress, RunningTerms, accuracy
 from util.precision import autocast_for
+from util.preempt import MidEpoch, Preempted, SaveTrigger, rng_state, set_rng_state
 
 
 class PretrainOutput(NamedTuple):
@@ -113,24 +114,40 @@ def train_one_epoch(
     args,
     log_writer=None,
     nan_skips: Optional[NonFiniteStepSkipper] = None,
+    trigger: Optional[SaveTrigger] = None,
+    save_mid_epoch: Optional[Callable[[MidEpoch], None]] = None,
+    resume: Optional[MidEpoch] = None,
 ) -> dict[str, float]:
     """One epoch; returns the epoch means of `loss`, `lr` and every term, averaged over ranks.
 
     Without `nan_skips` a non-finite term stops the run at the next log interval; with it (--nan_policy skip)
     such steps are skipped and `nan_skips` (the epoch's count) joins the returned stats.
+
+    Inside the epoch (util.preempt): at each --print_freq step the ranks vote, through `trigger`, on saving;
+    `save_mid_epoch` then gets this rank's MidEpoch at the first optimizer-step boundary. `resume` (a MidEpoch
+    restored from such a save) starts the epoch at its step: `data_loader`'s sampler must already skip the steps
+    done, and this rank's random state and running sums are those of the uninterrupted run at that step.
     """
     task.train(True)
     accum_iter = args.accum_iter
     distributed = isinstance(task, nn.parallel.DistributedDataParallel)
-    steps_per_epoch = len(data_loader)
+    start_step = resume.step if resume is not None else 0
+    steps_per_epoch = start_step + len(data_loader)
     running = RunningTerms(device)
     progress = Progress(steps_per_epoch, f"Epoch: [{epoch}]")
     optimizer.zero_grad(set_to_none=True)
     lr = optimizer.param_groups[0]["lr"]
     interval_start, interval_images = time.time(), 0
     skipped_before = nan_skips.start_epoch() if nan_skips is not None else 0
+    epoch_start = time.time()
+    batches = iter(data_loader)  # draws the workers' base seed from the random state, as in an uninterrupted epoch
+    if resume is not None:
+        running.load_state_dict(resume.running)
+        skipped_before = resume.skipped_before
+        epoch_start -= resume.elapsed_s
+        set_rng_state(resume.rng)  # now the random state of the uninterrupted run at this step
 
-    for step, batch in enumerate(data_loader):
+    for step, batch in enumerate(batches, start=start_step):
         if step % accum_iter == 0:  # the schedule moves per optimizer step, on the fractional epoch
             lr = adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, args)
         imgs, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
@@ -156,7 +173,10 @@ def train_one_epoch(
         interval_images += imgs.shape[0]
 
         if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
-            means = running.means()  # the only host sync of the loop; raises on every rank if one saw a NaN
+            # the only host sync of the loop; raises on every rank if one saw a NaN, and counts the votes to save
+            means, votes = running.means_and_votes(trigger.vote() if trigger is not None else [])
+            if trigger is not None:
+                trigger.count(votes)
             elapsed = time.time() - interval_start
             images_per_s = interval_images * get_world_size() / max(elapsed, 1e-9)
             print(progress.line(step, {"lr": lr, **means, "img/s": images_per_s}), flush=True)
@@ -167,6 +187,12 @@ def train_one_epoch(
                 log_writer.add_scalar("train/lr", lr, epoch_1000x)
                 log_writer.add_scalar("train/img_per_s", images_per_s, epoch_1000x)
             interval_start, interval_images = time.time(), 0
+        if trigger is not None and trigger.agreed and boundary and step + 1 < steps_per_epoch:
+            # the epoch's last step saves with the epoch: checkpoint-last.pth then holds the finished epoch
+            save_mid_epoch(MidEpoch(step + 1, rng_state(), running.state_dict(), skipped_before, time.time() - epoch_start))
+            trigger.saved()
+            if trigger.stop:
+                raise Preempted(trigger.signum, f"epoch {epoch} at step {step + 1} of {steps_per_epoch}")
 
     stats = {"lr": lr, **running.means()}
     if nan_skips is not None:

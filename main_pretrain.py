@@ -22,11 +22,12 @@ from engine_pretrain import (
     train_one_epoch,
 )
 from util.batch import add_batch_args
-from util.checkpoint import RunState, load_resume_checkpoint
+from util.checkpoint import LAST, RunState, load_resume_checkpoint
 from util.config import bool_flag, parse_with_config
 from util.datasets import DATASETS, SeededDataset, SkipBadImages, TrainData, build_dataset, build_transform, subset
 from util.dist import (
     DistInfo,
+    all_gather_object,
     all_reduce_sum,
     cleanup,
     data_parallel,
@@ -39,6 +40,7 @@ from util.knn import extract_features, knn_classify
 from util.memory import count_step_memory, memory_warning
 from util.metrics import NonFiniteStepSkipper
 from util.precision import AMP_DTYPES, add_precision_args, autocast_for, grad_scaler_for
+from util.preempt import SAVE_EVERY_MINUTES, MidEpoch, Preempted, SaveTrigger
 from util.registry import add_method_args, create_model, method_for, other_methods_flags, pretrain_models
 from util.run import (
     append_log,
@@ -131,6 +133,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", default="", help="checkpoint to resume from (default: output_dir/checkpoint-last.pth if present)")
     group.add_argument("--auto_resume", default=True, type=bool_flag, help="resume from output_dir/checkpoint-last.pth when it exists")
     group.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-<epoch>.pth every N epochs (checkpoint-last.pth is written every epoch)")
+    group.add_argument("--save_every_minutes", default=SAVE_EVERY_MINUTES, type=float,
+                       help="also write checkpoint-last.pth inside an epoch every N minutes (rank 0's clock), and always "
+                            "on SIGTERM or SLURM's pre-emption signal (then stop): a restart continues from that step with "
+                            "the data, masks and random state it would have had. What a hard kill loses is at most this "
+                            "interval; a ViT-B save costs seconds (docs/RELIABILITY.md). 0: only on the signals")
     group.add_argument("--dist_timeout", default=1800, type=int, help="seconds before a collective waiting on a dead rank fails")
     group.add_argument("--nan_policy", default="stop", choices=("stop", "skip"),
                        help="on a NaN/inf loss or term: stop (checked at --print_freq, naming the term and step; no per-step "
@@ -198,7 +205,11 @@ def main(args) -> torch.nn.Module:
         return None
     info, device = init_distributed(args.device, args.dist_timeout)
     with stop_together():
-        return pretrain(args, info, device)
+        try:
+            return pretrain(args, info, device)
+        except Preempted as stop:  # every rank saved at the same step; the same command resumes there
+            print(f"[rank {info.rank}] {stop}; the same command resumes there", flush=True)
+            raise
 
 
 def whole_batch_of(args) -> str | None:
@@ -259,7 +270,7 @@ def pretrain(args, info: DistInfo, device: torch.device) -> torch.nn.Module:
     scaler = grad_scaler_for(device, args.amp)
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters")
 
-    start_epoch = 0
+    start_epoch, mid_epoch = 0, None
     nan_skips = NonFiniteStepSkipper(args.max_nan_skips) if args.nan_policy == "skip" else None
     run_state = RunState(args, model, optimizer, scaler, task.probe, train_data, nan_skips)
     try:
@@ -268,10 +279,12 @@ def pretrain(args, info: DistInfo, device: torch.device) -> torch.nn.Module:
             resume_path, checkpoint = resume
             check_resumable(checkpoint, args, resume_path)
             start_epoch = run_state.restore(checkpoint, resume_path)
+            mid_epoch = mid_epoch_of(checkpoint, resume_path, info)
     except ValueError as err:  # pickled code, a corrupt file, or another model's weights
         raise SystemExit(f"error: {err}") from err
     if resume is not None:
-        print(f"resumed from {resume_path} (epoch {checkpoint['epoch']} done)")
+        where = f"inside epoch {start_epoch} after step {mid_epoch.step}" if mid_epoch else f"epoch {checkpoint['epoch']} done"
+        print(f"resumed from {resume_path} ({where})")
     truncate_log(args.output_dir, start_epoch)  # also on a fresh start: lines of a run killed before its first checkpoint
 
     train_task = task
@@ -292,47 +305,68 @@ def pretrain(args, info: DistInfo, device: torch.device) -> torch.nn.Module:
 
     print(f"start training for {args.epochs - start_epoch} epochs from epoch {start_epoch}")
     start_time = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        train_data.start_epoch(epoch)
-        # main-process randomness (--club_sampled) depends on the epoch and rank only: exact resume, and each rank
-        # draws its own numbers
-        seed_everything(args.seed + epoch + 1000 * info.rank)
-        epoch_start = time.time()
-        train_stats = train_one_epoch(train_task, loader, optimizer, device, epoch, scaler, args, log_writer, nan_skips)
-        record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
-        record.update(train_data.end_epoch(epoch, model, device, lambda: autocast_for(device, args.amp)))
-        if args.skip_bad_images:  # the workers' counts are in shared memory; other ranks' come by all-reduce
-            record["bad_images_replaced"] = int(all_reduce_sum(torch.tensor(train_images.new_replacements(), device=device)))
-        record["epoch_time_s"] = round(time.time() - epoch_start, 2)
-        # Budgets for equal-epoch and equal-compute comparisons (tools/make_tables.py).
-        record["images_seen"] = (epoch + 1) * len(loader) * args.batch_size * info.world_size
-        record["sequences_seen"] = record["images_seen"] * model.sequences_per_image
+    # pre-emption signals and the --save_every_minutes clock ask for a checkpoint inside the epoch (util.preempt)
+    trigger = SaveTrigger(args.save_every_minutes, is_main_process())
+    trigger.install()
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            resumed, mid_epoch = mid_epoch, None  # only the first epoch of a resumed run starts inside
+            loader.sampler.set_epoch(epoch, skip=resumed.step * args.batch_size if resumed else 0)
+            train_set.set_epoch(epoch)
+            train_data.start_epoch(epoch)
+            # main-process randomness (--club_sampled) depends on the epoch and rank only: exact resume, and each
+            # rank draws its own numbers
+            seed_everything(args.seed + epoch + 1000 * info.rank)
+            epoch_start = time.time() - (resumed.elapsed_s if resumed else 0.0)
 
-        if knn_loaders is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
-            model.eval()
-            bank_x, bank_y = extract_features(model, knn_loaders[0], device, lambda: autocast_for(device, args.amp))
-            query_x, query_y = extract_features(model, knn_loaders[1], device, lambda: autocast_for(device, args.amp))
-            prediction = knn_classify(bank_x, bank_y, query_x, args.knn_k, num_classes=num_classes)
-            record["test_knn_acc1"] = (prediction == query_y).float().mean().item() * 100
-            print(f"k-NN top-1 (k={args.knn_k}): {record['test_knn_acc1']:.2f}%")
+            def save_mid_epoch(state: MidEpoch, epoch: int = epoch) -> None:
+                ranks = all_gather_object(state.to_dict())  # each rank's random state and sums, to rank 0
+                if args.output_dir and is_main_process():
+                    run_state.save_mid_epoch(epoch, ranks)
+                    print(f"saved {Path(args.output_dir) / LAST} inside epoch {epoch} after step {state.step}", flush=True)
+
+            train_stats = train_one_epoch(train_task, loader, optimizer, device, epoch, scaler, args, log_writer, nan_skips,
+                                          trigger, save_mid_epoch, resumed)
+            record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
+            if resumed:
+                record["resumed_at_step"] = resumed.step
+            record.update(train_data.end_epoch(epoch, model, device, lambda: autocast_for(device, args.amp)))
+            if args.skip_bad_images:  # the workers' counts are in shared memory; other ranks' come by all-reduce
+                record["bad_images_replaced"] = int(all_reduce_sum(torch.tensor(train_images.new_replacements(), device=device)))
+            record["epoch_time_s"] = round(time.time() - epoch_start, 2)
+            # Budgets for equal-epoch and equal-compute comparisons (tools/make_tables.py).
+            steps = len(loader) + (resumed.step if resumed else 0)
+            record["images_seen"] = (epoch + 1) * steps * args.batch_size * info.world_size
+            record["sequences_seen"] = record["images_seen"] * model.sequences_per_image
+
+            if knn_loaders is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
+                model.eval()
+                bank_x, bank_y = extract_features(model, knn_loaders[0], device, lambda: autocast_for(device, args.amp))
+                query_x, query_y = extract_features(model, knn_loaders[1], device, lambda: autocast_for(device, args.amp))
+                prediction = knn_classify(bank_x, bank_y, query_x, args.knn_k, num_classes=num_classes)
+                record["test_knn_acc1"] = (prediction == query_y).float().mean().item() * 100
+                print(f"k-NN top-1 (k={args.knn_k}): {record['test_knn_acc1']:.2f}%")
+                if log_writer is not None:
+                    log_writer.add_scalar("test/knn_acc1", record["test_knn_acc1"], epoch)
+            if vis_images is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
+                noise = torch.rand(vis_images.shape[0], model.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
+                with autocast_for(device, args.amp):
+                    grid = reconstruction_grid(model, vis_images, noise)
+                save_image(grid, Path(args.output_dir) / f"reconstruction-{epoch:04d}.png")
+                log_writer.add_image("reconstruction", grid, epoch)
+
+            # Log before the checkpoint: a kill in between re-trains this epoch and resume drops the stale line,
+            # while the other order could lose the line of an epoch the checkpoint already holds.
+            append_log(args.output_dir, record)
+            if args.output_dir and is_main_process():
+                run_state.save(epoch)
             if log_writer is not None:
-                log_writer.add_scalar("test/knn_acc1", record["test_knn_acc1"], epoch)
-        if vis_images is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
-            noise = torch.rand(vis_images.shape[0], model.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
-            with autocast_for(device, args.amp):
-                grid = reconstruction_grid(model, vis_images, noise)
-            save_image(grid, Path(args.output_dir) / f"reconstruction-{epoch:04d}.png")
-            log_writer.add_image("reconstruction", grid, epoch)
-
-        # Log before the checkpoint: a kill in between re-trains this epoch and resume drops the stale line,
-        # while the other order could lose the line of an epoch the checkpoint already holds.
-        append_log(args.output_dir, record)
-        if args.output_dir and is_main_process():
-            run_state.save(epoch)
-        if log_writer is not None:
-            log_writer.flush()
+                log_writer.flush()
+            trigger.saved()
+            if trigger.stop and epoch + 1 < args.epochs:  # a signal in the epoch's last steps: saved just above
+                raise Preempted(trigger.signum, f"epoch {epoch}")
+    finally:
+        trigger.uninstall()
 
     total = time.time() - start_time
     print(f"training time {int(total // 3600)}:{int(total // 60 % 60):02d}:{int(total % 60):02d}")
@@ -340,6 +374,19 @@ def pretrain(args, info: DistInfo, device: torch.device) -> torch.nn.Module:
         log_writer.close()
     cleanup()
     return model
+
+
+def mid_epoch_of(checkpoint: dict, path: Path, info: DistInfo) -> MidEpoch | None:
+    """This rank's state inside the epoch of a checkpoint saved there (util.preempt), or None after a finished
+    epoch. Refused on another number of processes: each rank's share of the data and random state depend on it."""
+    mid = checkpoint.get("mid_epoch")
+    if mid is None:
+        return None
+    if len(mid["ranks"]) != info.world_size:
+        raise SystemExit(f"error: {path} was saved inside epoch {mid['epoch']} by {len(mid['ranks'])} process(es), "
+                         f"and this run has {info.world_size}: resume it on {len(mid['ranks'])}, as each process's "
+                         f"share of the epoch's data and its random state depend on the count")
+    return MidEpoch(**mid["ranks"][info.rank])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ own on every rank (per-node disks). FAULT acts on rank $FAULT_RANK (default 0), 
     kill_at_forward  SIGKILL this process right after its N-th forward pass: mid-step, before backward and step
     stop_at_forward  SIGSTOP it there instead: a hung rank (the test kills it)
     kill_in_save     SIGKILL during the N-th checkpoint write, half of its bytes on disk
+    term_at_step     SIGTERM to this process at its N-th training step (any method): it saves inside the epoch and stops
+    usr2_at_step     SIGUSR2 there instead (submitit's pre-emption and time-limit signal)
+    kill_after_mid_save  SIGKILL right after the N-th checkpoint written inside an epoch
     nan_at_forward   the loss and its terms are NaN from the N-th forward pass on
     bad_image        the N-th image read is refused (BadImageError, as for a truncated file)
     oom_at_forward   the N-th forward pass runs out of memory (torch.OutOfMemoryError)
@@ -19,10 +22,13 @@ import io
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+import engine_pretrain
 import main_pretrain
 import models_mae
 import util.checkpoint
@@ -49,6 +55,57 @@ def signal_at_forward(n: int, signum: int) -> None:
         return out
 
     models_mae.MaskedAutoencoderViT.forward = forward
+
+
+def signal_at_step(n: int, signum: int) -> None:
+    """`signum` to this process right after its n-th training step's forward (1-based), whatever the method."""
+    original = engine_pretrain.PretrainTask.forward
+    calls = 0
+
+    def forward(self, *args, **kwargs):
+        nonlocal calls
+        out = original(self, *args, **kwargs)
+        calls += 1
+        if calls == n:
+            os.kill(os.getpid(), signum)
+        return out
+
+    engine_pretrain.PretrainTask.forward = forward
+
+
+def kill_after_mid_save(n: int) -> None:
+    original = util.checkpoint.RunState.save_mid_epoch
+    calls = 0
+
+    def save(self, *args, **kwargs):
+        nonlocal calls
+        original(self, *args, **kwargs)
+        calls += 1
+        if calls == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    util.checkpoint.RunState.save_mid_epoch = save
+
+
+def paused_main(args):
+    """main_pretrain.main for a SLURM job that pauses once, in its first run, right after training forward
+    $PAUSE_AT (1-based): it writes output_dir/paused and waits for output_dir/go, so that a test can signal the
+    job at a known step (tests/test_slurm.py). Submitted with PYTHONPATH holding tests/."""
+    if os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+        original, calls, out = engine_pretrain.PretrainTask.forward, 0, Path(args.output_dir)
+
+        def forward(self, *forward_args, **kwargs):
+            nonlocal calls
+            result = original(self, *forward_args, **kwargs)
+            calls += 1
+            if calls == int(os.environ["PAUSE_AT"]):
+                (out / "paused").touch()
+                while not (out / "go").exists():
+                    time.sleep(0.05)
+            return result
+
+        engine_pretrain.PretrainTask.forward = forward
+    return main_pretrain.main(args)
 
 
 def poisoned_forward(is_poisoned: Callable[[int], bool]) -> Callable:
@@ -126,6 +183,12 @@ if __name__ == "__main__":
             signal_at_forward(n, signal.SIGKILL)
         elif fault == "stop_at_forward":
             signal_at_forward(n, signal.SIGSTOP)
+        elif fault == "term_at_step":
+            signal_at_step(n, signal.SIGTERM)
+        elif fault == "usr2_at_step":
+            signal_at_step(n, signal.SIGUSR2)
+        elif fault == "kill_after_mid_save":
+            kill_after_mid_save(n)
         elif fault == "kill_in_save":
             kill_in_save(n)
         elif fault == "nan_at_forward":

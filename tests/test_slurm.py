@@ -190,21 +190,33 @@ def test_two_task_job_trains_in_one_process_group(slurm_cluster, local_run, tiny
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_preempted_job_is_requeued_and_resumes(slurm_cluster, local_run, tiny_imagefolder, tmp_path):
-    """USR2 (what SLURM sends before pre-emption or the time limit) after epoch 0: submitit calls checkpoint(),
-    requeues the job, and the requeued job resumes from checkpoint-last.pth: same log, same weights."""
-    job = submit(pretrain_flags(tiny_imagefolder, tmp_path))
-    log = tmp_path / "log.txt"
-    # epoch 0's checkpoint, written just after its log line, so that the requeued job has something to resume
-    wait_until(job, lambda state: log.is_file() and log.read_text().strip() and (tmp_path / "checkpoint-last.pth").is_file(),
-               "epoch 0")
-    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+@pytest.mark.parametrize("preemption", ["usr2", "scontrol_requeue"])
+def test_a_job_preempted_inside_an_epoch_resumes_at_the_saved_step(preemption, slurm_cluster, local_run, tiny_imagefolder,
+                                                                    tmp_path, monkeypatch):
+    """The job pauses right after forward 6 (epoch 1, step index 1 of 4) and is signalled there: USR2 (what
+    submitit's jobs get before their time limit), or `scontrol requeue` (SLURM's SIGTERM, as on pre-emption). Every
+    task saves inside epoch 1 after step 2 and stops; the job is requeued (by the launcher, or by SLURM itself) and
+    continues from that step: same log, same weights as the uninterrupted local run, bit for bit."""
+    monkeypatch.setenv("PAUSE_AT", "6")
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{ROOT / 'tests'}")  # the job unpickles fault_worker.paused_main
+    from fault_worker import paused_main
+    job = launch(main_pretrain.get_args_parser, main_pretrain.validate_args, paused_main, "mim_test",
+                 pretrain_flags(tiny_imagefolder, tmp_path))
+    wait_until(job, lambda state: (tmp_path / "paused").exists(), "the pause at step 1 of epoch 1")
+    if preemption == "usr2":
+        subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    else:
+        subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    time.sleep(1)  # the signal reaches the task before it goes on
+    (tmp_path / "go").touch()
     wait_for_completion(job)
     stdout = job.paths.stdout.read_text()
     assert job_info(job.job_id)["Restarts"] == "1", job_logs(job)
     # SLURM may truncate the job's stdout at the restart, so only the requeued run's lines are sure to be there
-    assert "resumed from" in stdout, job_logs(job)
+    assert "(inside epoch 1 after step 2)" in stdout, job_logs(job)
     assert read_epochs(tmp_path) == list(range(EPOCHS))
+    assert [json.loads(line).get("resumed_at_step") for line in (tmp_path / "log.txt").read_text().splitlines()] == \
+        [None, 2, None, None]
     ours, reference = final_weights(tmp_path), final_weights(local_run)
     assert ours.keys() == reference.keys()
     for key, value in reference.items():

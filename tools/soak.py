@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -57,8 +58,9 @@ def write_images(folder: Path, count: int, size: int, seed: int) -> None:
 def run_flags(args: argparse.Namespace, data: Path, out: Path) -> list[str]:
     flags = {"model": "mae_vit_tiny_patch4", "input_size": args.image_size, "data_path": data, "output_dir": out,
              "batch_size": args.batch_size, "epochs": args.epochs, "warmup_epochs": 1, "blr": 1e-3, "num_workers": 0,
-             "pin_mem": "false", "amp": "none", "save_freq": 1, "vis_freq": 0, "print_freq": 1000, "seed": args.seed,
-             "device": "cpu"}
+             "pin_mem": "false", "amp": "none", "save_freq": 1, "vis_freq": 0, "seed": args.seed, "device": "cpu",
+             # --mid_epoch: a checkpoint after every step (the ranks vote at every --print_freq step)
+             **({"print_freq": 1, "save_every_minutes": 1e-9} if args.mid_epoch else {"print_freq": 1000, "save_every_minutes": 0})}
     return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
 
 
@@ -111,6 +113,12 @@ def corrupt_checkpoints(out: Path) -> list[str]:
     return bad
 
 
+def resume_point(checkpoint: dict) -> str:
+    """Where main_pretrain.py says it resumes from this checkpoint."""
+    mid = checkpoint.get("mid_epoch")
+    return f"inside epoch {mid['epoch']} after step {mid['ranks'][0]['step']}" if mid else f"epoch {checkpoint['epoch']} done"
+
+
 def logged_epochs(out: Path) -> list[int]:
     """Epochs of log.txt's lines (a line that is not JSON counts as epoch -1: a torn write the restart missed)."""
     epochs = []
@@ -135,6 +143,8 @@ class Totals:
     epochs_lost: int = 0
     epochs_logged_twice: int = 0
     kept_checkpoints_missing: int = 0
+    kills_leaving_a_checkpoint_inside_an_epoch: int = 0
+    restarts_elsewhere_than_the_last_checkpoint: int = 0  # must be 0: a restart continues from the newest save
     temp_files_left_at_the_end: int = 0
     final_weights_equal: int = 0
     final_weights_different: int = 0
@@ -150,7 +160,18 @@ def soak_one(run_dir: Path, argv: list[str], epochs: int, reference: dict, kill_
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         totals.attempts += 1
+        try:
+            expected = resume_point(load_checkpoint(run_dir / LAST)) if (run_dir / LAST).is_file() else None
+        except ValueError:  # counted as corrupt after the kill that left it
+            expected = None
+        console_before = console.stat().st_size if console.exists() else 0
         outcome = wait_or_kill(start_attempt(argv, console), rng.uniform(0.0, kill_window))
+        with open(console) as f:
+            f.seek(console_before)
+            resumed_at = re.findall(r"^resumed from \S+ \((.*)\)$", f.read(), flags=re.M)
+        # a restart continues from the newest checkpoint (unless killed before it said where)
+        totals.restarts_elsewhere_than_the_last_checkpoint += (resumed_at != [expected] if expected and (resumed_at or outcome != "killed")
+                                                               else bool(resumed_at))
         if outcome == "failed":
             last_line = (console.read_text().strip().splitlines() or [""])[-1]
             totals.failures.append(f"{run_dir.name}: an attempt failed: {last_line}")
@@ -169,6 +190,8 @@ def soak_one(run_dir: Path, argv: list[str], epochs: int, reference: dict, kill_
         totals.checkpoints_corrupt += len(bad)
         totals.failures += [f"{run_dir.name}: corrupt {b}" for b in bad]
         totals.kills_before_the_first_checkpoint += not (run_dir / LAST).is_file()
+        if (run_dir / LAST).is_file() and not bad:
+            totals.kills_leaving_a_checkpoint_inside_an_epoch += "mid_epoch" in load_checkpoint(run_dir / LAST)
     else:
         totals.failures.append(f"{run_dir.name}: not finished after {max_attempts} attempts")
         return
@@ -203,6 +226,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_attempts", default=200, type=int, help="give a run up after this many attempts (reported as a failure)")
     parser.add_argument("--work_dir", default="", help="folder for the data and the runs (default: a temporary folder, deleted after)")
     parser.add_argument("--report", default="", help="also write the figures to this JSON file")
+    parser.add_argument("--mid_epoch", action="store_true",
+                        help="checkpoints inside the epoch too, after every step (--save_every_minutes ~0, --print_freq 1): "
+                             "kills then land between mid-epoch saves, and each restart must continue from the newest")
     return parser
 
 
@@ -246,4 +272,5 @@ def main(args: argparse.Namespace) -> Totals:
 
 if __name__ == "__main__":
     totals = main(get_args_parser().parse_args())
-    sys.exit(1 if totals.failures or totals.checkpoints_corrupt or totals.epochs_lost or totals.final_weights_different else 0)
+    sys.exit(1 if totals.failures or totals.checkpoints_corrupt or totals.epochs_lost or totals.final_weights_different
+             or totals.restarts_elsewhere_than_the_last_checkpoint else 0)

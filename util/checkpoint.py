@@ -172,12 +172,18 @@ def load_resume_checkpoint(args) -> Optional[tuple[Path, dict[str, Any]]]:
         raise SystemExit(f"error: rank {get_rank()} of {world} cannot read {path}, the checkpoint that rank 0 resumes "
                          f"from: {err}. Every rank reads it: put --output_dir on a file system that every node "
                          f"shares") from err
-    epochs = all_gather_object(checkpoint.get("epoch"))
+    epochs = all_gather_object(progress_of(checkpoint))
     if len(set(epochs)) > 1:
         raise raised_on_every_rank(SystemExit(
-            f"error: the ranks read different checkpoints at {path}: epochs {epochs} in rank order. --output_dir "
+            f"error: the ranks read different checkpoints at {path}: epochs [{', '.join(epochs)}] in rank order. --output_dir "
             f"must be one folder that every node sees the same (a shared file system, not per-node disks)"))
     return path, checkpoint
+
+
+def progress_of(checkpoint: dict[str, Any]) -> str:
+    """Where a checkpoint stands: "3" after epoch 3, "4 step 120" inside epoch 4 (util.preempt)."""
+    mid = checkpoint.get("mid_epoch")
+    return f"{mid['epoch']} step {mid['ranks'][0]['step']}" if mid else str(checkpoint.get("epoch"))
 
 
 def save_training_state(args, epoch: int, state: dict[str, Any]) -> None:
@@ -204,7 +210,7 @@ def save_training_state(args, epoch: int, state: dict[str, Any]) -> None:
 NOT_RESULT_FLAGS = frozenset({
     "output_dir", "log_dir", "resume", "auto_resume", "config", "code_version", "reference", "print_freq",
     "save_freq", "vis_freq", "knn_freq", "knn_k", "knn_max_train", "num_workers", "pin_mem", "dist_timeout",
-    "max_nan_skips", "eval", "dist_eval", "dist_on_itp", "world_size", "local_rank", "dist_url",
+    "max_nan_skips", "eval", "dist_eval", "dist_on_itp", "world_size", "local_rank", "dist_url", "save_every_minutes",
 })
 
 
@@ -243,6 +249,14 @@ class RunState:
 
     def save(self, epoch: int) -> None:
         save_training_state(self.args, epoch, self.state_dict())
+
+    def save_mid_epoch(self, epoch: int, ranks: list[dict[str, Any]]) -> None:
+        """checkpoint-last.pth inside `epoch`: the weights and optimizer after its first `ranks[0]["step"]`
+        micro-steps, and each rank's util.preempt.MidEpoch (rank order). Its `epoch` is the last finished one, as
+        for every reader that knows nothing of `mid_epoch`."""
+        remove_stale_temp_files(self.args.output_dir)
+        state = dict(self.state_dict(), epoch=epoch - 1, mid_epoch={"epoch": epoch, "ranks": ranks})
+        save_atomic(state, Path(self.args.output_dir) / LAST)
 
     def restore(self, checkpoint: dict[str, Any], path: str | Path, weights_only: bool = False) -> int:
         """Load `checkpoint` (read from `path`) into every part; returns the epoch to start from. A ValueError

@@ -61,13 +61,17 @@ class RunningTerms:
         The all-reduce also carries each rank's first non-finite step and terms, so that with `raise_non_finite`
         every rank raises the same NonFiniteLossError, naming the lowest rank that saw one, at the same call:
         no rank is left waiting in a collective for a rank that stopped."""
-        if not self.names:
-            return {}
+        return self.means_and_votes([], raise_non_finite)[0]
+
+    def means_and_votes(self, votes: list[float], raise_non_finite: bool = True) -> tuple[dict[str, float], list[float]]:
+        """`means`, with this rank's `votes` summed over ranks in the same all-reduce (util.preempt: when to save)."""
         count, world, rank = len(self.names), get_world_size(), get_rank()
         faults = torch.zeros(world, 1 + count, device=self.device)  # per rank: first bad step + 1, bad flags
         faults[rank, 0] = (self.first_bad_step + 1).float()
         faults[rank, 1:] = self.bad.float()
-        reduced = all_reduce_sum(torch.cat([self.sums / self.counts.clamp(min=1), faults.flatten()])).tolist()
+        reduced = all_reduce_sum(torch.cat([self.sums / self.counts.clamp(min=1), faults.flatten(),
+                                            torch.tensor(votes, device=self.device)])).tolist()
+        votes = reduced[len(reduced) - len(votes):]
         faults = [reduced[count + r * (1 + count):count + (r + 1) * (1 + count)] for r in range(world)]
         bad_rank = next((r for r, row in enumerate(faults) if row[0] > 0), None)
         if raise_non_finite and bad_rank is not None:
@@ -76,7 +80,19 @@ class RunningTerms:
                 f"{non_finite_terms(names, bad_rank, world)} at step {int(faults[bad_rank][0]) - 1} of this epoch; "
                 f"the last checkpoint was kept. {NON_FINITE_ADVICE} (--nan_policy skip skips such steps)"
             )
-        return {name: value / world for name, value in zip(self.names, reduced[:count])}
+        return {name: value / world for name, value in zip(self.names, reduced[:count])}, votes
+
+    def state_dict(self) -> dict:
+        """This rank's sums so far (plain types and CPU tensors): a run resumed inside the epoch adds the rest of
+        the epoch to them, so its epoch means are those of the uninterrupted run."""
+        return {"names": list(self.names), "sums": self.sums.cpu().clone(), "counts": self.counts.cpu().clone(),
+                "bad": self.bad.cpu().clone(), "first_bad_step": int(self.first_bad_step)}  # copies: the sums go on
+
+    def load_state_dict(self, state: dict) -> None:
+        self.names = list(state["names"])
+        self.sums, self.counts, self.bad = (state[key].to(self.device, copy=True) for key in ("sums", "counts", "bad"))
+        self.first_bad_step = torch.tensor(state["first_bad_step"], dtype=torch.long, device=self.device)
+        self._rows = {}
 
 
 class NonFiniteStepSkipper:

@@ -1,4 +1,5 @@
 """Set-up shared by the main scripts: output folder, seeding, device, per-epoch log lines, data loaders."""
+import itertools
 import json
 import os
 import random
@@ -76,13 +77,30 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose epoch can start after its first samples: a run resumed inside an epoch
+    (util.preempt) reads the rest of the epoch's order, and only that. `set_epoch` starts at the beginning."""
+
+    skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
 def make_loader(dataset: Dataset, info: DistInfo, args, train: bool) -> DataLoader:
     """A loader over this rank's shard. Training shuffles by (seed, epoch) and drops the last partial batch.
 
     Workers are not persistent: the per-sample seeds read the epoch when the dataset reaches the workers.
     """
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=train,
-                                 seed=args.seed, drop_last=train)
+    sampler = ResumableSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=train,
+                               seed=args.seed, drop_last=train)
     return DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and torch.cuda.is_available(), drop_last=train,

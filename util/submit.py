@@ -17,8 +17,9 @@ import argparse
 import contextlib
 import io
 import os
-import shutil
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from util.batch import plan_batch
 from util.checkpoint import LAST
 from util.config import load_config, parse_with_config
 from util.dry_run import GpuType, drop_dry_run_args, gpu_types
+from util.preempt import Preempted
 
 ROOT = Path(__file__).resolve().parent.parent
 # a long run outlives many partition time limits: each timeout requeues the job (pre-emptions do not count)
@@ -109,8 +111,15 @@ class Trainer:
         # requeued by SLURM itself (pre-emption, scontrol requeue, node failure): the submitted pickle runs again
         if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
             resume_from_last(self.args)
-        # main() fills in derived flags (e.g. lr); give it a copy so a requeue starts from the submitted flags
-        self.main(argparse.Namespace(**vars(self.args)))  # returns nothing: submitit would pickle a model
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: Trainer.checkpoint, then requeue, on rank 0
+        try:
+            # main() fills in derived flags (e.g. lr); give it a copy so a requeue starts from the submitted flags
+            self.main(argparse.Namespace(**vars(self.args)))  # returns nothing: submitit would pickle a model
+        except Preempted as stop:  # every rank saved at the same step inside the epoch (util.preempt)
+            print(f"[rank {env.global_rank}] {stop}", flush=True)
+            if stop.signum == signal.SIGUSR2 and env.global_rank == 0 and callable(requeue):
+                requeue(signal.SIGUSR2, None)  # the time limit's signal: requeue, as submitit would have (exits)
+            # SIGTERM: SLURM itself requeues (pre-emption, scontrol requeue) or ends the job
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on pre-emption or timeout (rank 0); the job is requeued with what this returns."""
