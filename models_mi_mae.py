@@ -2,8 +2,8 @@
 mutual information between the latents of one image's masks, and a CLUB upper bound (with a variational
 Gaussian network V) that minimises the mutual information between each patch and its latent token.
 
-The paper's code is not public; what is a reading rather than a fact is a flag (see ../shared/methods/mi_mae.md
-and the README's MI-MAE section). Encoder and decoder keys are MAE's, so fine-tuning loads MI-MAE checkpoints
+The paper's code is not public; what is a reading rather than a fact is a flag (see
+docs/methods/mi_mae.md). Encoder and decoder keys are MAE's, so fine-tuning loads MI-MAE checkpoints
 exactly like MAE ones (the projector and V are dropped).
 """
 import argparse
@@ -16,10 +16,11 @@ from torch.func import functional_call
 
 from engine_pretrain import PretrainOutput
 from models_mae import MAE_SIZES, MaskedAutoencoderViT, build_mae, mae_model_kwargs
-from util.dist import GlobalBatchNorm1d, gather_with_grad, get_rank
+from util.dist import GlobalBatchNorm1d, all_reduce_mean, gather_with_grad, get_rank
 from util.mi_losses import (
     club_upper_bound,
     club_upper_bound_sampled,
+    fit_gate,
     gaussian_log_likelihood,
     marginal_gaussian_nll,
     multi_positive_info_nce,
@@ -105,6 +106,16 @@ MI_MAE_KNOBS = (
          "standardise z per feature over the batch before CLUB and V's NLL: the bound is then scale-free, "
          'so the encoder cannot lower it by shrinking its latents (collapse instead of discarding '
          'information)'),
+    Knob('club_gate', 0.02,
+         "lambda3 is scaled by clamp(min(v_gain, CLUB estimate) / this, 0, 1), both read off V before it trains "
+         "on the step's pairs (every rank's): CLUB bounds I(x; z) only for a V that fits the true pairs better "
+         'than the marginal (v_gain > 0) and than the pairs shuffled within the image (estimate > 0; a true MI is '
+         '>= 0). Against a fixed V the encoder lowers the estimate by moving z away from V\'s predictions, past 0: '
+         "ungated, the cifar10 study plan's estimate was < 0 from step ~500 on and train_v_gain went 0.041, "
+         '0.006, -0.013, -0.015 (lambda3 pushed on noise); gated, 0.114, 0.115, 0.112, 0.113, the gate falling '
+         "from 0.18 to 0.003 as V's estimate stays < 0 (V fits z's image-level part, not its within-image part). A "
+         'gate on v_gain alone kept the estimate at -0.04 and v_gain fell to 0.01 in epoch 2. 0: no gate',
+         interval='[0, inf)'),
     Knob('club_sampled', False,
          'CLUB with one random partner per pair instead of the closed-form mean over all pairs of the '
          "group (drawn on the device from each rank's own generator: runs then differ with the GPU count)"),
@@ -145,7 +156,7 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
     def __init__(self, *, num_masks: int, mask_mode: str, mi_temperature: float, mi_feat: str, mi_proj: str,
                  nce_gather: bool, v_hidden: int, v_logvar_bound: float, v_lr_scale: float, v_lr_schedule: str,
                  v_steps: int, club_level: str, club_candidates: str, club_dir: str, club_standardize: bool,
-                 club_sampled: bool, w_rec: float, w_max: float, w_min: float, w_v: float, **kwargs):
+                 club_gate: float, club_sampled: bool, w_rec: float, w_max: float, w_min: float, w_v: float, **kwargs):
         super().__init__(**kwargs)
         check_mi_mae(self.num_patches, self.mask_ratio, num_masks, mask_mode, w_max, w_min, w_v, club_level,
                      club_candidates)
@@ -153,7 +164,7 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
         self.mi_feat, self.nce_gather, self.club_sampled = mi_feat, nce_gather, club_sampled
         self.club_level, self.club_candidates, self.club_dir = club_level, club_candidates, club_dir
         self.club_standardize, self.v_lr_scale, self.v_steps = club_standardize, v_lr_scale, v_steps
-        self.v_lr_schedule = v_lr_schedule
+        self.v_lr_schedule, self.club_gate = v_lr_schedule, club_gate
         self._v_pairs = None  # the last training step's detached (source, target) pairs, for --v_steps
         self.weights = {"rec": w_rec, "max_mi": w_max, "min_mi": w_min, "v_nll": w_v}
         dim = self.cls_token.shape[-1]
@@ -240,7 +251,8 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
         return x.reshape(groups, -1, x.shape[-1]), z.reshape(groups, -1, z.shape[-1])
 
     def min_mi_terms(self, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """CLUB's bound on I(x; z) (gradient to the encoder only, V fixed) and V's NLL (gradient to V only)."""
+        """CLUB's bound on I(x; z) (gradient to the encoder only, V fixed), V's NLL (gradient to V only), V's gain on
+        these pairs, which it has not trained on yet, and with --club_gate the share of the min-MI weight it earns."""
         if self.club_standardize:
             z = standardize(z)
         source, target = (x, z) if self.club_dir == "z_given_x" else (z, x)
@@ -248,7 +260,8 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
             self._v_pairs = (source.detach().to(self.cls_token.dtype), target.detach())
         mu, logvar = self.variational(source.detach().to(self.cls_token.dtype))
         v_nll = -gaussian_log_likelihood(target.detach(), mu, logvar).mean()
-        terms = {"v_nll": v_nll, "v_gain": marginal_gaussian_nll(target.detach()) - v_nll.detach()}
+        marginal = marginal_gaussian_nll(target.detach())
+        terms = {"v_nll": v_nll, "v_gain": marginal - v_nll.detach()}
         if self.weights["min_mi"] > 0:
             if self.club_dir == "z_given_x":  # V's outputs detached
                 mu, logvar = mu.detach(), logvar.detach()
@@ -257,6 +270,9 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
                 mu, logvar = functional_call(self.variational, frozen, (source,))
             bound = club_upper_bound_sampled if self.club_sampled else club_upper_bound
             terms["min_mi"] = bound(target, mu, logvar)
+            if self.club_gate > 0:  # V's fit on every rank's pairs, which it has not trained on: one gate for all
+                v_nll_all, estimate = all_reduce_mean(torch.stack([v_nll.detach().float(), terms["min_mi"].detach()]))
+                terms["club_gate"] = fit_gate(marginal - v_nll_all, estimate, self.club_gate)
         else:  # the estimate alone, a diagnostic: V has been fitted, nothing flows back
             with torch.no_grad():
                 terms["min_mi"] = club_upper_bound(target.detach(), mu.detach(), logvar.detach())
@@ -290,7 +306,10 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
             min_mi = self.min_mi_terms(x, z)
             losses["v_nll"], terms["v_gain"] = min_mi["v_nll"], min_mi["v_gain"]
             (losses if self.weights["min_mi"] > 0 else terms)["min_mi"] = min_mi["min_mi"]
-        loss = sum(self.weights[name] * value for name, value in losses.items())
+            if "club_gate" in min_mi:
+                terms["club_gate"] = min_mi["club_gate"]
+        gates = {"min_mi": terms.get("club_gate", 1.0)}
+        loss = sum(self.weights[name] * gates.get(name, 1.0) * value for name, value in losses.items())
         terms = {**{name: value.detach() for name, value in losses.items()}, **terms}
         # raw (not standardised) std of an image's latent tokens: watch for over-compression
         terms["latent_std"] = latent[:, 1:].detach().float().reshape(batch, -1, latent.shape[-1]).std(dim=1).mean()

@@ -302,7 +302,10 @@ def test_reconstruction_is_mae_loss_averaged_over_masks():
     base = super(type(model), model)
     per_mask = [base.forward(images, masks[:, k]).loss for k in range(4)]
     assert out.terms["rec"].item() == pytest.approx(torch.stack(per_mask).mean().item(), rel=1e-5)
-    expected = out.terms["rec"] + out.terms["max_mi"] + 10 * out.terms["min_mi"] + out.terms["v_nll"]
+    # lambda3 = 10 times the share that V's held-out fit earns (--club_gate; tests/test_mi_gate.py)
+    gate = min(1.0, max(0.0, min(out.terms["v_gain"].item(), out.terms["min_mi"].item()) / 0.02))
+    assert out.terms["club_gate"].item() == pytest.approx(gate, abs=1e-5)
+    expected = out.terms["rec"] + out.terms["max_mi"] + 10 * gate * out.terms["min_mi"] + out.terms["v_nll"]
     assert out.terms["v_gain"].item() == pytest.approx(0.5 * (1 + math.log(1 / (1 + 1e-5))) - out.terms["v_nll"].item(), abs=1e-4)
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
 

@@ -5,6 +5,8 @@
 - `gaussian_log_likelihood`: the per-pair log q(z|x) averaged over feature dimensions, V's training signal.
 - `standardize`: per-feature zero mean and unit variance over the samples, which makes CLUB scale-free.
 - `marginal_gaussian_nll`: the NLL of a per-feature Gaussian that ignores x, the no-information baseline of V.
+- `fit_gate`: the share of the min-MI weight that V's held-out fit earns: 0 unless V beats both no-information
+  baselines (the marginal and within-group shuffled pairs).
 
 The moments of `standardize` and `marginal_gaussian_nll` are those of every rank's samples (util.dist.global_mean_var;
 one process: its own), so that W ranks compute what one process computes on the global batch. The InfoNCE logits
@@ -88,3 +90,12 @@ def marginal_gaussian_nll(z: torch.Tensor) -> torch.Tensor:
     below it; the difference is V's information gain (`v_gain`)."""
     _, var = global_mean_var(z.float().reshape(-1, z.shape[-1]))
     return 0.5 * (1.0 + var.clamp(min=1e-12).log()).mean()
+
+
+def fit_gate(v_gain: torch.Tensor, club_estimate: torch.Tensor, margin: float) -> torch.Tensor:
+    """clamp(min(v_gain, club_estimate) / margin, 0, 1), detached, float32 (margin > 0), both measured with a V that
+    has not trained on the pairs yet. CLUB bounds I(x; z) only for a V that fits the true pairs better than the two
+    no-information baselines: the marginal (`v_gain` > 0) and the pairs shuffled within their group (the CLUB
+    estimate > 0, which a true MI cannot be below). The gate is 0 while either fails and reaches 1 once both beat
+    them by `margin`."""
+    return (torch.minimum(v_gain.detach().float(), club_estimate.detach().float()) / margin).clamp(0.0, 1.0)
