@@ -113,7 +113,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     add_precision_args(group)  # --amp, --tf32
 
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="vit_large_patch16", help=f"one of {list_models('vit_')}")
+    group.add_argument("--model", default="vit_large_patch16",
+                       help=f"one of {downstream_models()}; pixels (linear probing only): the raw-pixel floor, the probe "
+                            f"on the image's own standardised pixels")
     group.add_argument("--input_size", default=224, type=int, help="image side in pixels")
     group.add_argument("--finetune", default="", help="pre-training checkpoint (ours, or an official MAE .pth) to start from")
     group.add_argument("--global_pool", dest="global_pool", action="store_true", help="classify the mean of the patch tokens (with fc_norm)")
@@ -156,11 +158,17 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     add_dry_run_args(parser)
 
 
+def downstream_models() -> list[str]:
+    return [*list_models("vit_"), "pixels"]
+
+
 def validate_common_args(args, parser: argparse.ArgumentParser) -> None:
     if args.batch_size < 1 or (args.accum_iter is not None and args.accum_iter < 1) or args.effective_batch < 0:
         parser.error("--batch_size and --accum_iter must be positive, --effective_batch non-negative")
-    if args.model not in list_models("vit_"):
-        parser.error(f"--model: unknown model {args.model!r}; choose one of {list_models('vit_')}")
+    if args.model not in downstream_models():
+        parser.error(f"--model: unknown model {args.model!r}; choose one of {downstream_models()}")
+    if args.model == "pixels" and args.finetune:
+        parser.error("--model pixels probes the raw pixels: there is no encoder to load with --finetune")
     if args.dry_run:  # prices a run before its data and checkpoint are at hand
         return
     if not args.data_path or not Path(args.data_path).exists():

@@ -59,6 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def validate_args(args, parser: argparse.ArgumentParser) -> None:
     """Fail before any work on flags that cannot run."""
     validate_common_args(args, parser)
+    if args.model == "pixels":
+        parser.error("--model pixels is the raw-pixel floor of linear probing (main_linprobe.py): nothing to fine-tune")
     low, high = args.crop_scale
     if not 0.0 < low <= high <= 1.0:
         parser.error(f"--crop_scale {low:g} {high:g}: the crop's area range must satisfy 0 < MIN <= MAX <= 1")

@@ -5,7 +5,7 @@ withheld, and (3) ContrastiveCrop views (util/contrastive_crop.py).
 
 Not Huang et al.'s CMAE ("Contrastive Masked Autoencoders are Stronger Vision Learners": momentum encoder,
 pixel-shifted views); nothing of it is here. Only Mao et al.'s abstract is known, so every default is the
-project's reading (../shared/methods/cmae.md). The encoder's keys are MAE's; `no_pos_embed`, `con_projector.*`
+project's reading (docs/methods/cmae.md). The encoder's keys are MAE's; `no_pos_embed`, `con_projector.*`
 and `pos_head.*` are dropped by fine-tuning and probing like the decoder.
 """
 import argparse

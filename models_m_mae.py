@@ -6,7 +6,7 @@ cls features of the same masked forward pass, gathered over all ranks.
   expansion in mu is U-MAE's term, so one class serves both and `reg` picks the term; `u_mae_*` and `m_mae_*`
   are the same class with reg='uniformity' and reg='tcr'.
 
-Where the papers and the official code differ this follows the code (../shared/methods/m_mae.md): the cls
+Where the papers and the official code differ this follows the code (docs/methods/m_mae.md): the cls
 feature gets the encoder's final LayerNorm a second time (`reg_double_norm`), mu/d not mu/m, no 1/2. The gather
 here sums gradients over ranks, so lambda means the same at any world size: lambda_here = lambda_official / W.
 No parameters are added, so the keys are MAE's and checkpoints fine-tune and probe like MAE ones.

@@ -52,6 +52,31 @@ def vit_small_patch4(**kwargs) -> VisionTransformer:
     return _vit("vit_small_patch4", **kwargs)
 
 
+class RawPixels(nn.Module):
+    """The floor that learnt features must clear: the image's own normalised pixels, flattened, as its features
+    (3 x input_size^2 of them). `main_linprobe.py --model pixels` then trains MAE's probe on them, a BatchNorm
+    without affine and a linear layer: logistic regression on standardised pixels. Nothing to pre-train or load."""
+
+    def __init__(self, num_classes: int = 1000, img_size: int = 224, global_pool: bool = False, **kwargs):
+        super().__init__()
+        self.num_features = 3 * img_size * img_size
+        self.head = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return features if pre_logits else self.head(features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+
+@model_factory
+def pixels(**kwargs) -> RawPixels:
+    return RawPixels(**kwargs)
+
+
 def batchnorm_head(linear: nn.Linear) -> nn.Sequential:
     """MAE's probe head: a BatchNorm without affine in front of `linear`. It standardises each feature over the
     batch, so a large per-feature offset of the pre-trained features (which a LayerNorm over the features keeps)

@@ -1,14 +1,19 @@
-"""A new method in one file, as the README's "Adding a method" says: MAE plus lambda times the mean square of
-the cls feature (a made-up regulariser, logged as its own term). Registering it is one call (or one line in
-util/registry.py's MODEL_MODULES); everything else comes from the registry, the engine and the scripts.
+"""A new method in one file (docs/ADDING_A_METHOD.md): MAE plus lambda times the mean square of the cls feature
+(a made-up regulariser, logged as its own term). Registering it is one call (or one line in util/registry.py's
+MODEL_MODULES, or its name in $MIM_METHODS); everything else comes from the registry, the engine and the scripts.
 
-    python tests/toy_method.py --model toy_mae_vit_tiny_patch4 --toy_lambda 0.5 ...   (main_pretrain.py's flags)
+    python examples/toy_method.py --help                 # main_pretrain.py's flags, --toy_lambda among them
+    python examples/toy_method.py --model toy_mae_vit_tiny_patch4 --toy_lambda 0.5 --input_size 32 --data_path DATA
+    MIM_METHODS=toy_method PYTHONPATH=examples python submitit_pretrain.py --model toy_mae_vit_tiny_patch4 ...
 """
 import sys
+from pathlib import Path
 
-from engine_pretrain import PretrainOutput
-from models_mae import MaskedAutoencoderViT, build_mae, mae_model_kwargs
-from util.spec import Knob, Method, model_factory
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, when run as a script
+
+from engine_pretrain import PretrainOutput  # noqa: E402
+from models_mae import MaskedAutoencoderViT, build_mae, mae_model_kwargs  # noqa: E402
+from util.spec import Knob, Method, model_factory  # noqa: E402
 
 TOY_KNOBS = (Knob("toy_lambda", 0.1, "weight of the cls feature's mean square", interval="[0, inf)"),)
 

@@ -1,5 +1,6 @@
 """The demo: pre-train a tiny MI-MAE (or MAE) on Fashion-MNIST (32 px, patch 4), then compare the linear
-probe of its encoder with the same probe on a randomly initialised encoder, on the Fashion-MNIST test set.
+probe of its encoder with the same probe on a randomly initialised encoder and on the raw pixels (the floor a
+representation must clear), on the Fashion-MNIST test set.
 
     scripts/demo.sh            # sets up .venv and Debian's dataset-fashion-mnist, then runs this
 
@@ -60,13 +61,17 @@ def main() -> None:
              "--print_freq", "1000"]
     run("main_linprobe.py", [*probe, "--finetune", str(checkpoint), "--output_dir", str(out / "probe_pretrained")])
     run("main_linprobe.py", [*probe, "--output_dir", str(out / "probe_random_init")])
+    # the floor: the same probe on the standardised pixels themselves
+    run("main_linprobe.py", [*probe, "--model", "pixels", "--output_dir", str(out / "probe_raw_pixels")])
 
     pretrained, random_init = last_record(out / "probe_pretrained"), last_record(out / "probe_random_init")
+    pixels = last_record(out / "probe_raw_pixels")
     gain = pretrained["test_acc1"] - random_init["test_acc1"]
     print("\nFashion-MNIST test set (10,000 images), linear probe on frozen vit_tiny_patch4 features:")
     name = {"mi_mae": "MI-MAE", "mae": "MAE"}[args.method]
     print(f"  {name + ' pre-trained encoder':<28}: top-1 {pretrained['test_acc1']:6.2f}%")
     print(f"  {'random-init encoder':<28}: top-1 {random_init['test_acc1']:6.2f}%")
+    print(f"  {'raw pixels (the floor)':<28}: top-1 {pixels['test_acc1']:6.2f}%   (features must beat this to be called good)")
     print(f"  {'gain from pre-training':<28}: {gain:+.2f} points   (total {time.time() - start:.0f} s)")
     records = [json.loads(line) for line in (out / "pretrain" / "log.txt").read_text().splitlines()]
     first, last = records[0], records[-1]

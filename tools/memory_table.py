@@ -1,4 +1,4 @@
-"""The README's V100 memory table: for each ImageNet pre-training preset, the largest per-GPU batch that fits a
+"""docs/PRETRAIN.md's V100 memory table: for each ImageNet pre-training preset, the largest per-GPU batch that fits a
 16 GB and a 32 GB V100 in fp16, with and without --grad_checkpointing, and the --accum_iter that then keeps the
 preset's effective batch on 8 GPUs.
 

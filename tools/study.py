@@ -1,6 +1,6 @@
 """The small-scale reproduction of the MI-MAE paper's Table 1 and ablation tables, in shape (issue 16).
 
-Rows. Table 1: random init, MAE, MAE x 4 (no MI), MI-MAE, U-MAE, M-MAE, CMAE. The ablations, all MI-MAE: the
+Rows. Table 1: raw pixels (the same probe on the pixels: the floor), random init, MAE, MAE x 4 (no MI), MI-MAE, U-MAE, M-MAE, CMAE. The ablations, all MI-MAE: the
 number of masks N, the loss terms, lambda3 (--w_min), orthogonal or independent masks, the InfoNCE tau, CLUB
 at the patch or mask level, the lambda readings A and B. Every row is a preset (its method's knobs); the plan's
 flags set the data and the budget, the same for every row.
@@ -38,8 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MI = "configs/mi_mae/pretrain_vit_tiny_fmnist"  # MI-MAE's small rows; the plan's flags set the data set
 
-# row -> (label, pre-training preset (None: the random-init encoder), masked sequences per image)
+# row -> (label, pre-training preset (None: nothing pre-trained), masked sequences per image)
 ROWS = {
+    "pixels": ("raw pixels (the floor)", None, 0),  # the same probe on the image's standardised pixels (LIN, k-NN)
     "random": ("random init", None, 0),
     "mae": ("MAE", "configs/mae/pretrain_vit_tiny_cifar10.yaml", 1),
     "mae4": ("MAE x 4 (no MI)", f"{MI}_mae4.yaml", 4),
@@ -63,7 +64,7 @@ ROWS = {
 # table -> [(section title, rows)]; "mi_mae" is the main row (N 4, both terms, lambda3 10, orthogonal, tau 0.07,
 # CLUB per patch, reading A), so every ablation shares its runs
 TABLES = {
-    "table1": [("Table 1", ["random", "mae", "mae4", "mi_mae", "u_mae", "m_mae", "cmae"])],
+    "table1": [("Table 1", ["pixels", "random", "mae", "mae4", "mi_mae", "u_mae", "m_mae", "cmae"])],
     "ablations": [
         ("number of masks N", ["n1", "n2", "n3", "mi_mae"]),
         ("loss terms (N = 4)", ["mae4", "max_only", "min_only", "mi_mae"]),
@@ -202,9 +203,10 @@ def pretrain_flags(args, row: str, epochs: int, seed: int, common: list[str], fo
             "--output_dir", str(folder)]
 
 
-def eval_flags(args, kind: str, seed: int, common: list[str], checkpoint: str, folder: Path) -> tuple[str, list[str]]:
+def eval_flags(args, kind: str, seed: int, common: list[str], checkpoint: str, folder: Path,
+               model: str = "vit_tiny_patch4") -> tuple[str, list[str]]:
     """(script, flags) of one evaluation column."""
-    base = [*common, "--model", "vit_tiny_patch4", "--global_pool", "--seed", str(seed), "--finetune", checkpoint,
+    base = [*common, "--model", model, "--global_pool", "--seed", str(seed), "--finetune", checkpoint,
             "--print_freq", "1000", "--output_dir", str(folder)]
     if kind == "lin":
         # The probe's lr is far above MAE's 0.1: MAE's LARS recipe runs at batch 16384, and the trust ratio makes
@@ -235,7 +237,10 @@ def run_stages(args, out: Path) -> None:
             checkpoint = folder / "pretrain" / "checkpoint-last.pth"
             evals = []
             for kind in args.evals:
-                script, flags = eval_flags(args, kind, seed, common, str(checkpoint) if epochs else "", folder / kind)
+                if row == "pixels" and kind != "lin":  # the floor is a probe's: nothing to fine-tune
+                    continue
+                script, flags = eval_flags(args, kind, seed, common, str(checkpoint) if epochs else "", folder / kind,
+                                           "pixels" if row == "pixels" else "vit_tiny_patch4")
                 if not finished(folder / kind, int(flags[flags.index("--epochs") + 1])):
                     evals.append((script, flags))
             # A study restored from its committed logs (docs/results) has no checkpoints: a pre-training whose

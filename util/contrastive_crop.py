@@ -1,5 +1,5 @@
 """ContrastiveCrop (Peng et al., CVPR 2022) for CMAE (Mao et al.): crops whose centres fall inside a per-image
-box around the object, the boxes found from the encoder's own patch-token heat maps (../shared/methods/cmae.md).
+box around the object, the boxes found from the encoder's own patch-token heat maps (docs/methods/cmae.md).
 
 Boxes are (top, left, bottom, right) fractions of the image, (0, 0, 1, 1) until the first update.
 - `heatmap_boxes`: the boxes of a batch of heat maps (normalise, upsample, threshold). Pure.

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
-# The default interval: a ViT-L save (4 GB) takes seconds, so 20 minutes costs well under 1% of the run and a hard
-# kill (a node failure, SIGKILL) loses at most 20 minutes instead of an epoch (docs/RELIABILITY.md).
+# The default interval, from tools/save_cost.py (docs/RELIABILITY.md): a ViT-B save (1.3 GB) took 6-8 s on this
+# project's slowest disk (0.16-0.22 GB/s), so 20 minutes costs under 1% of a ViT-B run; a hard kill (a node
+# failure, SIGKILL) then loses at most 20 minutes instead of an epoch. ViT-L (4 GB, 28 s there) wants 60 on such a disk.
 SAVE_EVERY_MINUTES = 20.0
 SAVE, STOP = 1, 2  # votes: save and go on (the interval), save and stop (a signal)
 

@@ -7,13 +7,15 @@ import the registry, so there is no import circle. The engine never needs to kno
 """
 import argparse
 import importlib
+import os
 from typing import Callable
 
 import torch.nn as nn
 
 from util.spec import Method, add_knobs
 
-# The models files; a new method adds its file here (or a plugin calls register_module before parsing).
+# The models files; a new method adds its file here, or names its module in $MIM_METHODS (plugin_modules).
+PLUGIN_VARIABLE = "MIM_METHODS"
 MODEL_MODULES = ["models_mae", "models_vit", "models_mi_mae", "models_m_mae", "models_cmae"]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -42,8 +44,14 @@ def register_module(name: str) -> None:
 
 
 def _import_model_files() -> None:
-    for module in list(MODEL_MODULES):
+    for module in list(MODEL_MODULES) + plugin_modules():
         register_module(module)
+
+
+def plugin_modules() -> list[str]:
+    """Methods kept outside the repository: the importable modules named in $MIM_METHODS (comma-separated). Every
+    script registers them, and submitit's jobs inherit the variable, so such a method runs through all of them."""
+    return [name.strip() for name in os.environ.get(PLUGIN_VARIABLE, "").split(",") if name.strip()]
 
 
 def list_models(prefix: str = "") -> list[str]:
