@@ -166,9 +166,11 @@ def soak_one(run_dir: Path, argv: list[str], epochs: int, reference: dict, kill_
             expected = None
         console_before = console.stat().st_size if console.exists() else 0
         outcome = wait_or_kill(start_attempt(argv, console), rng.uniform(0.0, kill_window))
-        with open(console) as f:
-            f.seek(console_before)
-            resumed_at = re.findall(r"^resumed from \S+ \((.*)\)$", f.read(), flags=re.M)
+        resumed_at = []
+        if console.exists():  # an attempt killed before its first write has none
+            with open(console) as f:
+                f.seek(console_before)
+                resumed_at = re.findall(r"^resumed from \S+ \((.*)\)$", f.read(), flags=re.M)
         # a restart continues from the newest checkpoint (unless killed before it said where)
         totals.restarts_elsewhere_than_the_last_checkpoint += (resumed_at != [expected] if expected and (resumed_at or outcome != "killed")
                                                                else bool(resumed_at))
