@@ -218,11 +218,15 @@ def build_vit(args, num_classes: int, **kwargs) -> nn.Module:
     return model
 
 
+def model_to_price(args) -> nn.Module:
+    """The downstream model of `args`, built without reading the --finetune checkpoint, which a dry run may not
+    have at hand (the weights change no FLOP or byte)."""
+    return build_vit(argparse.Namespace(**{**vars(args), "finetune": ""}), args.nb_classes or 1000)
+
+
 def classifier_dry_run(args, world_size: int, gpus: list[GpuType], kind: str) -> str:
-    """`--dry_run`'s report for fine-tuning or probing (util/dry_run.py); the model is built without reading the
-    --finetune checkpoint, which a dry run may not have at hand."""
-    model = build_vit(argparse.Namespace(**{**vars(args), "finetune": ""}), args.nb_classes or 1000)
-    return dry_run_report(args, world_size, gpus, model, kind)
+    """`--dry_run`'s report for fine-tuning or probing (util/dry_run.py)."""
+    return dry_run_report(args, world_size, gpus, model_to_price(args), kind)
 
 
 def fit(args, info: DistInfo, device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -39,7 +39,7 @@ def row(preset: Path, gpus: int) -> str:
     if kind == "pretrain":
         model, whole = main_pretrain.build_model(args), main_pretrain.whole_batch_of(args)
     else:
-        model, whole = engine_finetune.build_vit(argparse.Namespace(**{**vars(args), "finetune": ""}), 1000), None
+        model, whole = engine_finetune.model_to_price(args), None
     name = f"`{preset.relative_to(ROOT / 'configs')}`"
     try:
         run = estimate(args, gpus, list(GPU_TYPES.values()), model, kind, whole)

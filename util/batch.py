@@ -99,6 +99,11 @@ def plan_batch(effective: int, world_size: int, batch_size: int, accum_iter: Opt
     return plan
 
 
+def effective_lr(args: argparse.Namespace, plan: BatchPlan) -> float:
+    """MAE's rule: lr = blr x effective batch / 256, unless --lr is given."""
+    return args.lr if args.lr is not None else args.blr * plan.effective / 256
+
+
 def apply_batch_plan(args: argparse.Namespace, world_size: int, whole_batch: Optional[str] = None) -> BatchPlan:
     """Resolve args.batch_size and args.accum_iter in place for `world_size` (args.yaml records what runs);
     SystemExit naming the flags when no exact plan exists."""

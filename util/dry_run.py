@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch.utils import flop_counter
 
-from util.batch import BatchPlan, plan_batch
+from util.batch import BatchPlan, effective_lr, plan_batch
 from util.cuda_build import parse_gpu, sm
 from util.memory import StepMemory, count_step_memory
 from util.precision import amp_for_gpu
@@ -191,11 +191,6 @@ def estimate(args: argparse.Namespace, world_size: int, gpus: list[GpuType], mod
                      counts[not precisions[gpu.name].startswith("none")][1].peak(plan.batch_size, checkpointing) if counts else None,
                      total / (gpu.peak_tflops * 1e12 * MFU[kind]) / 3600) for gpu in gpus]
     return Estimate(kind, plan, effective_lr(args, plan), images, epochs, step, total, costs)
-
-
-def effective_lr(args: argparse.Namespace, plan: BatchPlan) -> float:
-    """MAE's rule, as util.run.set_effective_lr applies it at start-up."""
-    return args.lr if args.lr is not None else args.blr * plan.effective / 256
 
 
 def plan_lines(args: argparse.Namespace, plan: BatchPlan) -> list[str]:

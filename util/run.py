@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from util.batch import apply_batch_plan
+from util.batch import BatchPlan, apply_batch_plan, effective_lr
 from util.config import command_line, git_sha, save_args
 from util.cuda_build import check_device
 from util.dist import DistInfo, is_main_process
@@ -128,7 +128,6 @@ def start_run(args, info: DistInfo, device: torch.device, whole_batch: Optional[
 
 def set_effective_lr(args, info: DistInfo) -> None:
     """MAE's rule: lr = blr x effective batch / 256 unless --lr is given; effective = batch x accum_iter x ranks."""
-    eff_batch = args.batch_size * args.accum_iter * info.world_size
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
-    print(f"base lr: {args.blr:.3e}  effective batch: {eff_batch}  lr: {args.lr:.3e}")
+    plan = BatchPlan(info.world_size, args.batch_size, args.accum_iter)
+    args.lr = effective_lr(args, plan)
+    print(f"base lr: {args.blr:.3e}  effective batch: {plan.effective}  lr: {args.lr:.3e}")

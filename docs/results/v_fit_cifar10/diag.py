@@ -1,4 +1,6 @@
-"""Diagnostic wrapper around main_pretrain.py (not part of the repo): per optimizer step, V's held-out gain in
+"""A frozen record of the issue-32 screen (2026-12-07), kept to reproduce docs/RESULTS.md's trace, not maintained: it
+replaces MI-MAE's forward of commit 138fd89 with a copy that also probes each term's gradient. Diagnostic wrapper
+around main_pretrain.py (not part of the package): per optimizer step, V's held-out gain in
 float32 (before its extra steps, on the batch it has not seen), its in-sample gain after the steps, V's mean
 log-variance; every 50 steps the encoder-gradient norms of each weighted loss term. Writes DIAG (jsonl)."""
 import json, os, sys
