@@ -111,7 +111,7 @@ def test_club_on_correlated_gaussians(rho):
         closed_form, true_mi = rho**2 / (1 - rho**2), -0.5 * math.log(1 - rho**2)
         assert estimate == pytest.approx(closed_form, rel=0.15)
         assert estimate > true_mi
-        sampled = club_upper_bound_sampled(z, mu, logvar, torch.Generator().manual_seed(0)).item()
+        sampled = club_upper_bound_sampled(z, mu, logvar, generator=torch.Generator().manual_seed(0)).item()
         assert sampled == pytest.approx(closed_form, rel=0.15)
 
 
@@ -125,6 +125,12 @@ def test_club_closed_form_equals_all_pairs():
             marginal = torch.stack([gaussian_log_likelihood(z[i, b], mu[i, a], logvar[i, a]) for b in range(7)]).mean()
             expected += (joint - marginal).item() / 14
     assert club_upper_bound(z, mu, logvar).item() == pytest.approx(expected, rel=1e-5)
+    # negatives "all": every latent of every group (the batch marginal), against the 14 x 14 log q table
+    flat = [t.reshape(14, 3) for t in (z, mu, logvar)]
+    table = gaussian_log_likelihood(flat[0][None, :, :], flat[1][:, None, :], flat[2][:, None, :])  # [a, b]
+    expected_all = (table.diagonal() - table.mean(1)).mean().item()
+    assert club_upper_bound(z, mu, logvar, "all").item() == pytest.approx(expected_all, rel=1e-5)
+    assert club_upper_bound(*(t.reshape(1, 14, 3) for t in (z, mu, logvar))).item() == pytest.approx(expected_all, rel=1e-5)
 
 
 def _model(**kwargs):
@@ -220,8 +226,8 @@ def test_mask_level_club_on_correlated_gaussians(rho):
     closed_form, true_mi = (num_masks - 1) / num_masks * rho**2 / (1 - rho**2), -0.5 * math.log(1 - rho**2)
     assert estimate == pytest.approx(closed_form, rel=0.15)
     assert estimate > true_mi
-    # --club_candidates batch: one group of all rows, CLUB itself
-    assert club_upper_bound(z, mu, logvar).item() == pytest.approx(rho**2 / (1 - rho**2), rel=0.15)
+    # --club_candidates batch: every row a negative, CLUB itself
+    assert club_upper_bound(*grouped, "all").item() == pytest.approx(rho**2 / (1 - rho**2), rel=0.15)
 
 
 def test_mask_level_pairs_are_pooled_per_mask():
@@ -235,9 +241,7 @@ def test_mask_level_pairs_are_pooled_per_mask():
     row = 1 * 4 + 2  # image 1, mask 2
     assert torch.allclose(x[1, 2], tokens[row, masking.ids_keep[row]].mean(0), atol=1e-6)
     assert torch.allclose(z[1, 2], latent[row, 1:].mean(0), atol=1e-6)
-    batch_model = _model(club_level="mask", club_candidates="batch")
-    x, z = batch_model.club_pairs(tokens, None, latent, masking, 3)
-    assert x.shape == (1, 12, 192)
+    assert _model(club_level="mask", club_candidates="batch").club_negatives == "all"
     out = model(images, noise)
     assert torch.isfinite(out.loss) and {"min_mi", "v_gain"} <= set(out.terms)
 

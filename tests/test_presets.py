@@ -85,7 +85,7 @@ def test_fashion_mnist_ablation_rows_keep_the_demo_budget_and_change_one_thing()
               "n3": {"num_masks": 3}, "mae4": {"w_max": 0.0, "w_min": 0.0, "w_v": 0.0},
               "max_only": {"w_min": 0.0, "w_v": 0.0}, "min_only": {"w_max": 0.0}, "w_min0": {"w_min": 0.0},
               "w_min1": {"w_min": 1.0}, "w_min100": {"w_min": 100.0}, "independent": {"mask_mode": "independent"},
-              "tau0.2": {"mi_temperature": 0.2}, "club_mask": {"club_level": "mask"},
+              "tau0.2": {"mi_temperature": 0.2}, "club_mask": {"club_level": "mask", "club_candidates": "image"},
               "reading_b": {"w_min": 1.0, "w_v": 10.0}}
     rows = {p.stem.removeprefix("pretrain_vit_tiny_fmnist").removeprefix("_"): p for p in FMNIST_ROWS}
     assert set(rows) == set(varied)

@@ -133,17 +133,24 @@ def model_state_from(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def load_matching_state(module: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
     """module.load_state_dict(state) strictly, but first a ValueError naming the first key whose shape differs
-    (with both shapes), or the keys that one side lacks: a checkpoint of another model says what differs."""
+    (with both shapes), or the keys that one side lacks: a checkpoint of another model says what differs.
+
+    Buffers a module lists in `state_added_later` (state introduced after checkpoints of it were written) may be
+    missing: they keep the module's initial values, and a note says so."""
     own = module.state_dict()
     for key, value in state.items():
         if key in own and tuple(own[key].shape) != tuple(value.shape):
             raise ValueError(f"{source}: shape mismatch at {key!r}: checkpoint {tuple(value.shape)}, "
                              f"model {tuple(own[key].shape)}; the checkpoint is of another model or other model flags")
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    added_later = [key for key in missing if key in getattr(module, "state_added_later", ())]
+    missing = [key for key in missing if key not in added_later]
     if missing or unexpected:
         raise ValueError(f"{source}: keys differ from the model's: missing {missing[:5]}, unexpected {unexpected[:5]} "
                          f"({len(missing)} and {len(unexpected)} in all); the checkpoint is of another model")
-    module.load_state_dict(state)
+    if added_later:
+        print(f"{source}: written before {added_later} existed; they start from their initial values")
+    module.load_state_dict(state, strict=not added_later)
 
 
 def find_resume_checkpoint(args) -> Optional[Path]:

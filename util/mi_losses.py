@@ -46,31 +46,40 @@ def gaussian_log_likelihood(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Ten
     return -((z - mu).pow(2) / (2 * logvar.exp()) + 0.5 * logvar).mean(-1)
 
 
-def club_upper_bound(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """CLUB estimate of I(x; z), averaged over images: for each image i with M pairs (x_a, z_a),
-    l_i = 1/M sum_a [ log q(z_a|x_a) - 1/M sum_b log q(z_b|x_a) ], with q's log-likelihood averaged over dims.
+def club_upper_bound(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, negatives: str = "group") -> torch.Tensor:
+    """CLUB estimate of I(x; z): the mean over pairs a of log q(z_a|x_a) - mean_{b in N(a)} log q(z_b|x_a), with q's
+    log-likelihood averaged over dims.
 
-    z, mu, logvar: (B, M, D), mu/logvar = V(x) (pass them detached to keep V fixed). The log-variance terms
-    cancel and the inner mean is closed-form per dimension, 1/M sum_b (z_b - mu_a)^2 = Var_i(z) + (mean_i(z) - mu_a)^2,
-    so no (M x M) tensor is built.
+    z, mu, logvar: (B, M, D), M pairs per group, mu/logvar = V(x) (pass them detached to keep V fixed). The negatives
+    N(a) of a pair are its group's M latents (`negatives="group"`) or every latent of every group of every rank
+    (`"all"`: CLUB's own estimator, whose negatives sample the marginal p(z); the moments come from
+    util.dist.global_mean_var, so W ranks compute what one process computes). The log-variance terms cancel and the
+    inner mean is closed-form per dimension, mean_b (z_b - mu_a)^2 = Var(z) + (mean(z) - mu_a)^2 over N(a), so no
+    (M x M) tensor is built.
     """
     z, mu, logvar = z.float(), mu.float(), logvar.float()
+    if negatives == "group":
+        z_mean, z_var = z.mean(dim=1, keepdim=True), z.var(dim=1, unbiased=False, keepdim=True)
+    elif negatives == "all":
+        z_mean, z_var = global_mean_var(z.reshape(-1, z.shape[-1]))
+    else:
+        raise ValueError(f"negatives must be 'group' or 'all', got {negatives!r}")
     inv_two_var = 0.5 * torch.exp(-logvar)
     positive = (z - mu).pow(2)
-    z_mean = z.mean(dim=1, keepdim=True)
-    negative = z.var(dim=1, unbiased=False, keepdim=True) + (z_mean - mu).pow(2)
+    negative = z_var + (z_mean - mu).pow(2)
     return ((negative - positive) * inv_two_var).mean(-1).mean()
 
 
-def club_upper_bound_sampled(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+def club_upper_bound_sampled(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, negatives: str = "group",
                              generator: torch.Generator | None = None) -> torch.Tensor:
-    """CLUB's sampled variant: each pair a is contrasted with one random partner b of the same image. The
-    permutation is drawn on z's device (from `generator`, which must live there, or that device's default one):
-    no host round trip."""
+    """CLUB's sampled variant: each pair a is contrasted with one random partner b, drawn from its group
+    (`negatives="group"`) or from every pair of this rank (`"all"`). The permutation is drawn on z's device (from
+    `generator`, which must live there, or that device's default one): no host round trip."""
+    if negatives == "all":
+        z, mu, logvar = (t.reshape(1, -1, t.shape[-1]) for t in (z, mu, logvar))
     perm = torch.argsort(torch.rand(z.shape[0], z.shape[1], generator=generator, device=z.device), dim=1)
     shuffled = torch.gather(z, 1, perm.unsqueeze(-1).expand_as(z))
     return (gaussian_log_likelihood(z, mu, logvar) - gaussian_log_likelihood(shuffled, mu, logvar)).mean()
-
 
 
 def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
