@@ -54,6 +54,27 @@ def test_micro_study_runs_every_column_and_tabulates(tiny_imagefolder, tmp_path)
     assert len((out / "mae_1ep" / "seed0" / "pretrain" / "log.txt").read_text().splitlines()) == 1
 
 
+def test_the_info_column_measures_the_last_checkpoint_with_fresh_estimators(tiny_imagefolder, tmp_path):
+    """--evals info runs tools/info_plane.py on the row's pre-training (not on random init) and tabulates its
+    I(x; z) and I(z_j; z_k), to 3 decimals, from the info_plane.json it wrote; a second call runs nothing."""
+    out = tmp_path / "study"
+    flags = ["--plan", "fmnist", "--dataset", "imagefolder", "--data_path", str(tiny_imagefolder), "--output_dir", str(out),
+             "--rows", "random", "mae", "--budgets", "epochs", "--evals", "info", "--info_images", "4", "4", "--seeds", "0",
+             "--epochs", "1", "--subset_size", "16", "--sequences_per_step", "8", "--warmup_epochs", "1",
+             "--device", "cpu", "--num_workers", "0"]
+    text = study.main(flags)
+    commands = (out / "commands.txt").read_text().splitlines()
+    assert len(commands) == 2 and "tools/info_plane.py" in commands[1] and "--fit_images 4 --eval_images 4" in commands[1]
+    measured = json.loads((out / "mae_1ep" / "seed0" / "info" / "info_plane.json").read_text())
+    record = next(iter(measured.values()))[-1]
+    row = next(line for line in text.splitlines() if line.startswith("| MAE |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:4] == [f"{record['i_xz']:.3f} (1 seed)", f"{record['i_zz']:.3f} (1 seed)"]
+    assert next(line for line in text.splitlines() if line.startswith("| random init |")).count("–") >= 2
+    study.main(flags)
+    assert len((out / "commands.txt").read_text().splitlines()) == 2
+
+
 def test_cells_give_mean_sample_std_and_the_seed_count():
     assert study.cell([70.0, 72.0, 74.0], 3) == "72.00 ± 2.00"
     assert study.cell([70.0, 72.0], 3) == "71.00 ± 1.41 (2 seeds)"

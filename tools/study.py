@@ -75,7 +75,8 @@ TABLES = {
         ("lambda reading", ["mi_mae", "reading_b"]),
     ],
 }
-EVALS = {"lin": "k-NN and LIN", "ft1": "FT1%", "ft": "FT"}
+EVALS = {"lin": "k-NN and LIN", "ft1": "FT1%", "ft": "FT",
+         "info": "I(x; z) and I(z_j; z_k) of the last checkpoint by estimators fitted afresh (tools/info_plane.py)"}
 DEFAULT_EVALS = {"table1": ["lin", "ft1", "ft"], "ablations": ["lin"]}
 
 # Budgets. fmnist: the demo's MI-MAE budget (2,000 images x 3 epochs, 4 masks: 375 steps). lr 1e-3
@@ -119,6 +120,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     for key, value in PLANS["fmnist"].items():
         if key not in ("dataset", "data_path"):
             parser.add_argument(f"--{key}", type=type(value), default=None, help=f"default: the plan's (fmnist: {value})")
+    parser.add_argument("--info_images", nargs=2, type=int, default=[768, 256], metavar=("FIT", "EVAL"),
+                        help="the info column's held-out images: the fresh estimators are fitted on FIT and evaluated on EVAL others")
     parser.add_argument("--device", default="cuda", help="cuda when available, else the CPU")
     parser.add_argument("--num_workers", default=1, type=int, help="data-loading processes per run")
     parser.add_argument("--stage", default="all", choices=["all", "run", "report"], help="run the stages, write the tables, or both")
@@ -206,6 +209,11 @@ def pretrain_flags(args, row: str, epochs: int, seed: int, common: list[str], fo
 def eval_flags(args, kind: str, seed: int, common: list[str], checkpoint: str, folder: Path,
                model: str = "vit_tiny_patch4") -> tuple[str, list[str]]:
     """(script, flags) of one evaluation column."""
+    if kind == "info":  # the held-out images and masks drawn from the run's seed
+        data = common[common.index("--dataset"):common.index("--dataset") + 4] + ["--input_size", "32"]
+        return "tools/info_plane.py", ["--runs", str(Path(checkpoint).parent), *data, "--seed", str(seed),
+                                       "--fit_images", str(args.info_images[0]), "--eval_images", str(args.info_images[1]),
+                                       "--output_dir", str(folder)]
     base = [*common, "--model", model, "--global_pool", "--seed", str(seed), "--finetune", checkpoint,
             "--print_freq", "1000", "--output_dir", str(folder)]
     if kind == "lin":
@@ -239,9 +247,13 @@ def run_stages(args, out: Path) -> None:
             for kind in args.evals:
                 if row == "pixels" and kind != "lin":  # the floor is a probe's: nothing to fine-tune
                     continue
+                if kind == "info" and not epochs:  # nothing pre-trained to measure
+                    continue
                 script, flags = eval_flags(args, kind, seed, common, str(checkpoint) if epochs else "", folder / kind,
                                            "pixels" if row == "pixels" else "vit_tiny_patch4")
-                if not finished(folder / kind, int(flags[flags.index("--epochs") + 1])):
+                done = ((folder / kind / "info_plane.json").is_file() if kind == "info"
+                        else finished(folder / kind, int(flags[flags.index("--epochs") + 1])))
+                if not done:
                     evals.append((script, flags))
             # A study restored from its committed logs (docs/results) has no checkpoints: a pre-training whose
             # evaluations are all done is not re-run; one with an evaluation left is, from scratch, if its weights are gone
@@ -254,6 +266,10 @@ def run_stages(args, out: Path) -> None:
 
 
 def last_record(folder: Path) -> dict | None:
+    """The last line of a run's log.txt, or the last checkpoint's record of an info_plane.json."""
+    if (folder / "info_plane.json").is_file():
+        records = next(iter(json.loads((folder / "info_plane.json").read_text()).values()))
+        return records[-1] if records else None
     log = folder / "log.txt"
     if not log.is_file():
         return None
@@ -282,16 +298,22 @@ def row_minutes(folder: Path, evals: list[str], minutes: dict[str, float]) -> fl
 
 
 COLUMNS = [("knn", "k-NN", "lin", "test_knn_acc1"), ("lin", "LIN", "lin", "test_acc1"),
-           ("ft1", "FT1%", "ft1", "test_acc1"), ("ft", "FT", "ft", "test_acc1")]
+           ("ft1", "FT1%", "ft1", "test_acc1"), ("ft", "FT", "ft", "test_acc1"),
+           ("i_xz", "I(x;z)", "info", "i_xz"), ("i_zz", "I(z;z)", "info", "i_zz")]
 
 
-def cell(values: list[float], seeds: int) -> str:
+def digits(column: str) -> int:
+    """Accuracies in % to 2 decimals; the information estimates (nats, some ~0.01) to 3."""
+    return 3 if column.startswith("i_") else 2
+
+
+def cell(values: list[float], seeds: int, digits: int = 2) -> str:
     """Mean ± sample std of the seeds that have a value, naming their count when some of the `seeds` are missing."""
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.2f} (1 seed)"
-    text = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f} (1 seed)"
+    text = f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
     return text if len(values) == seeds else f"{text} ({len(values)} seeds)"
 
 
@@ -300,7 +322,8 @@ def report(args, out: Path) -> str:
     budgets = {"epochs": "equal epochs", "compute": "equal compute (masked sequences)"}
     lines = [f"Plan {args.plan}: {args.dataset}, {args.subset_size or 'all'} pre-training images, {args.epochs} epochs "
              f"at equal epochs, {args.sequences_per_step} masked sequences a step at lr {args.lr}; seeds {args.seeds}. "
-             "Top-1 % on the test split, mean ± std over seeds, then each seed's value; minutes: the row's stages "
+             "Top-1 % on the test split (I(x;z): nats per latent feature, CLUB with a fresh V; I(z;z): nats, held-out "
+             "InfoNCE between two masks' pooled latents), mean ± std over seeds, then each seed's value; minutes: the row's stages "
              "(pre-training + its evaluations), mean over the seeds that have a value.", ""]
     # only the columns this table runs (the ablations: k-NN and LIN), so that no column reads as missing
     columns = [c for c in COLUMNS if c[2] in args.evals]
@@ -324,11 +347,11 @@ def report(args, out: Path) -> str:
                         value = None if record is None else record.get(key)
                         if value is not None:
                             values[column].append(value)
-                        found.append("–" if value is None else f"{value:.2f}")
+                        found.append("–" if value is None else f"{value:.{digits(column)}f}")
                     seeds_cells.append(f"s{seed}: " + " / ".join(found))
                     if any(value != "–" for value in found):
                         spent.append(row_minutes(folder, args.evals, minutes))
-                lines.append(f"| {ROWS[row][0]} | {epochs} | " + " | ".join(cell(values[c], len(args.seeds)) for c, *_ in columns)
+                lines.append(f"| {ROWS[row][0]} | {epochs} | " + " | ".join(cell(values[c], len(args.seeds), digits(c)) for c, *_ in columns)
                              + f" | {'; '.join(seeds_cells)} | {f'{statistics.mean(spent):.1f}' if spent else '–'} |")
             lines.append("")
     text = "\n".join(lines)
