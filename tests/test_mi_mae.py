@@ -113,6 +113,10 @@ def test_club_on_correlated_gaussians(rho):
         assert estimate > true_mi
         sampled = club_upper_bound_sampled(z, mu, logvar, generator=torch.Generator().manual_seed(0)).item()
         assert sampled == pytest.approx(closed_form, rel=0.15)
+        # the same pairs in groups of 4, partners drawn from every group ("all") rather than within each
+        grouped = [t.reshape(-1, 4, t.shape[-1]) for t in (z, mu, logvar)]
+        across = club_upper_bound_sampled(*grouped, "all", generator=torch.Generator().manual_seed(0)).item()
+        assert across == pytest.approx(closed_form, rel=0.15)
 
 
 def test_club_closed_form_equals_all_pairs():
