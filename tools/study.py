@@ -10,7 +10,9 @@ Columns, every one an ordinary command of this codebase on the plan's test split
     trained linear head, on --probe_images class-mixed training images;
   - FT1%: main_finetune.py --label_fraction 0.01, class-balanced, the same images for every row of a seed;
   - FT: main_finetune.py on every label of the pre-training images (the paper fine-tunes on the labelled
-    pre-training set: at this scale, the plan's --subset_size images), a short schedule.
+    pre-training set: at this scale, the plan's --subset_size images), a short schedule;
+  - I(x;z) and I(z;z) (`--evals info`, not run by default): tools/info_plane.py on the last checkpoint, by
+    estimators fitted afresh on held-out images, never the run's own V.
 
 Budgets. Equal epochs: every row trains --epochs. Equal compute: every row sees as many masked sequences as
 MI-MAE's 4 per image, so the one-sequence rows train 4 x --epochs and CMAE (two views) 2 x; warm-up scales with
