@@ -9,7 +9,7 @@ sys.path.insert(0, ".")
 from tools.info_plane import plot  # noqa: E402
 
 HERE, SCREENS = Path("docs/results/cifar10"), Path("docs/results/v_fit_cifar10/info_screens/info_plane.json")
-RUNS = {"MAE x 4, s1": "mae4_4ep/seed1", "MAE x 4, s2": "mae4_4ep/seed2", "max-MI only, s0": "max_only_4ep/seed0",
+RUNS = {"MAE x 4, s1": "mae4_4ep/seed1", "MAE x 4, s2": "mae4_4ep/seed2", "max-MI only, s0": "max_only_4ep/seed0", "max-MI only, s1": "max_only_4ep/seed1",
         "MI-MAE (defaults), s0": "mi_mae_4ep/seed0"}
 runs = {label: next(iter(json.loads((HERE / folder / "info" / "info_plane.json").read_text()).values()))
         for label, folder in RUNS.items()}
