@@ -175,7 +175,6 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
         self.club_level, self.club_candidates, self.club_dir = club_level, club_candidates, club_dir
         self.club_standardize, self.v_lr_scale, self.v_steps = club_standardize, v_lr_scale, v_steps
         self.v_lr_schedule, self.club_gate, self.club_gate_momentum = v_lr_schedule, club_gate, club_gate_momentum
-        self.club_negatives = "group" if club_candidates == "image" else "all"
         self._v_pairs = None  # the last training step's detached (source, target) pairs, for --v_steps
         self.weights = {"rec": w_rec, "max_mi": w_max, "min_mi": w_min, "v_nll": w_v}
         dim = self.cls_token.shape[-1]
@@ -200,6 +199,11 @@ class MIMaskedAutoencoderViT(MaskedAutoencoderViT):
         for module in (self.mi_projector, self.variational):
             if module is not None:
                 module.apply(self._init_module)
+
+    @property
+    def club_negatives(self) -> str:
+        """The negatives argument of util.mi_losses' CLUB bounds: each image's pairs, or every pair of the batch."""
+        return "group" if self.club_candidates == "image" else "all"
 
     @property
     def sequences_per_image(self) -> int:

@@ -212,7 +212,7 @@ def eval_flags(args, kind: str, seed: int, common: list[str], checkpoint: str, f
                model: str = "vit_tiny_patch4") -> tuple[str, list[str]]:
     """(script, flags) of one evaluation column."""
     if kind == "info":  # the held-out images and masks drawn from the run's seed
-        data = common[common.index("--dataset"):common.index("--dataset") + 4] + ["--input_size", "32"]
+        data = common[:common.index("--device")]  # --dataset, --data_path, --input_size: no device, no workers
         return "tools/info_plane.py", ["--runs", str(Path(checkpoint).parent), *data, "--seed", str(seed),
                                        "--fit_images", str(args.info_images[0]), "--eval_images", str(args.info_images[1]),
                                        "--output_dir", str(folder)]
