@@ -95,3 +95,19 @@ def test_report_prints_only_the_columns_the_table_runs(tmp_path):
     assert lines[0] == "| row | epochs | k-NN | LIN | per seed (k-NN / LIN) | minutes |"
     cells = [c.strip() for c in lines[1].strip("|").split("|")]
     assert cells[1:5] == [str(args.epochs), "62.00 ± 1.41", "65.00 ± 1.41", "s0: 61.00 / 64.00; s1: 63.00 / 66.00"]
+
+
+def test_a_row_outside_the_table_is_reported_not_dropped(tmp_path):
+    """--table table1 --rows mae4 max_only: max-MI only is an ablation row, but it ran, so the report lists it
+    (in its own section) instead of leaving it out silently."""
+    args = study.resolve(study.get_args_parser().parse_args(
+        ["--table", "table1", "--rows", "mae4", "max_only", "--budgets", "epochs", "--evals", "lin", "--seeds", "0",
+         "--output_dir", str(tmp_path), "--data_path", "x"]))
+    for row, lin in [("mae4", 45.0), ("max_only", 37.0)]:
+        folder = study.run_folder(tmp_path, row, args.epochs, 0) / "lin"
+        folder.mkdir(parents=True)
+        (folder / "log.txt").write_text(json.dumps({"test_knn_acc1": lin - 5, "test_acc1": lin}) + "\n")
+    text = study.report(args, tmp_path)
+    assert "### other rows (--rows), equal epochs" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| MAE x 4", "| rec x 4 + max-MI"))]
+    assert len(rows) == 2 and "37.00 (1 seed)" in rows[1] and "45.00 (1 seed)" in rows[0]

@@ -330,7 +330,9 @@ def report(args, out: Path) -> str:
     # only the columns this table runs (the ablations: k-NN and LIN), so that no column reads as missing
     columns = [c for c in COLUMNS if c[2] in args.evals]
     names = [name for _, name, _, _ in columns]
-    for title, rows in TABLES[args.table]:
+    # a row asked for by --rows that this table does not list (max-MI only beside Table 1) still gets its line
+    others = [row for row in args.rows if not any(row in rows for _, rows in TABLES[args.table])]
+    for title, rows in TABLES[args.table] + ([("other rows (--rows)", others)] if others else []):
         for budget in args.budgets:
             lines += [f"### {title}, {budgets[budget]}", "",
                       "| row | epochs | " + " | ".join(names) + f" | per seed ({' / '.join(names)}) | minutes |",
