@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv"
     "${PYTHON:-python3}" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, torchvision, timm, numpy, tensorboard, submitit, yaml, pytest" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch, torchvision, timm, numpy, tensorboard, submitit, yaml, pytest, xdist" 2>/dev/null; then
     # A GPU older than the default torch build's oldest architecture (a V100: sm_70) needs another build first.
     TORCH_INDEX="$("${PYTHON:-python3}" util/cuda_build.py --pip-index)"
     if [ -n "$TORCH_INDEX" ]; then

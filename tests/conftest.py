@@ -12,6 +12,15 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (scripts/test.sh), each worker's torch gets its share of the cores, not all of them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope="session")
 def tiny_imagefolder(tmp_path_factory) -> Path:
     """train/ and val/ with 2 classes of 32x32 RGB images whose class is visible (bright or dark)."""
