@@ -199,7 +199,9 @@ def last_train_rec(run: Path, epoch: int):
     return None
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, colors: dict[str, str] | None = None) -> None:
+    """One line of points per label (annotated with the epoch); `colors` may fix a label's colour (seeds of one
+    method alike), otherwise matplotlib's cycle picks it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,7 +210,7 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     for label, records in results.items():
         xs, ys = [r["i_xz"] for r in records], [r["i_zz"] for r in records]
-        line, = ax.plot(xs, ys, marker="o", label=label)
+        line, = ax.plot(xs, ys, marker="o", label=label, color=(colors or {}).get(label))
         for r in records:
             ax.annotate(str(r["epoch"]), (r["i_xz"], r["i_zz"]), fontsize=7, color=line.get_color(),
                         textcoords="offset points", xytext=(3, 3))

@@ -9,11 +9,14 @@ sys.path.insert(0, ".")
 from tools.info_plane import plot  # noqa: E402
 
 HERE, SCREENS = Path("docs/results/cifar10"), Path("docs/results/v_fit_cifar10/info_screens/info_plane.json")
-RUNS = {"MAE x 4, s1": "mae4_4ep/seed1", "MAE x 4, s2": "mae4_4ep/seed2", "max-MI only, s0": "max_only_4ep/seed0", "max-MI only, s1": "max_only_4ep/seed1",
-        "MI-MAE (defaults), s0": "mi_mae_4ep/seed0"}
+METHODS = [("MAE x 4", "mae4_4ep", "tab:blue"), ("max-MI only", "max_only_4ep", "tab:red"),
+           ("MI-MAE (defaults)", "mi_mae_4ep", "tab:green")]
+RUNS = {f"{name}, s{seed}": f"{folder}/seed{seed}" for name, folder, _ in METHODS for seed in range(3)}
+COLORS = {f"{name}, s{seed}": color for name, _, color in METHODS for seed in range(3)}
+COLORS |= {"MI-MAE within-image negatives, gated, s0": "tab:gray", "MI-MAE batch negatives, per-batch gate, s0": "tab:olive"}
 runs = {label: next(iter(json.loads((HERE / folder / "info" / "info_plane.json").read_text()).values()))
         for label, folder in RUNS.items()}
 screens = json.loads(SCREENS.read_text())
 runs["MI-MAE within-image negatives, gated, s0"] = screens["mi_mae_within_image_gated_s0"]
 runs["MI-MAE batch negatives, per-batch gate, s0"] = screens["mi_mae_batchneg_pergate_s0"]
-plot(runs, Path("docs/results/info_plane_cifar10.png"))
+plot(runs, Path("docs/results/info_plane_cifar10.png"), COLORS)
