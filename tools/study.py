@@ -309,13 +309,13 @@ def digits(column: str) -> int:
     return 3 if column.startswith("i_") else 2
 
 
-def cell(values: list[float], seeds: int, digits: int = 2) -> str:
+def cell(values: list[float], seeds: int, decimals: int = 2) -> str:
     """Mean ± sample std of the seeds that have a value, naming their count when some of the `seeds` are missing."""
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.{digits}f} (1 seed)"
-    text = f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        return f"{values[0]:.{decimals}f} (1 seed)"
+    text = f"{statistics.mean(values):.{decimals}f} ± {statistics.stdev(values):.{decimals}f}"
     return text if len(values) == seeds else f"{text} ({len(values)} seeds)"
 
 
